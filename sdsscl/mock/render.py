@@ -41,7 +41,6 @@ _yy, _xx = np.mgrid[0:GRID, 0:GRID].astype(np.float64)
 # clumps are bluer (young stars).
 _BULGE_TILT = np.array([0.55, 0.25, 0.0, -0.08, -0.15])
 _ARM_TILT = np.array([-0.6, -0.3, 0.0, 0.1, 0.2])
-# Stellar colours along a simple locus, parameterised by g - r.
 
 
 def _psf_otf(fwhm_arcsec: float) -> np.ndarray:
@@ -67,19 +66,17 @@ def _sersic_image(cx, cy, re_pix, n, q, pa_deg, supersample=True):
     b = sersic_b(n)
     img = np.exp(-b * (r / re_pix) ** (1.0 / n))
     if supersample and re_pix < 12:
-        # replace the 7x7 central pixels by 9x9 sub-pixel averages (cusp)
+        # the cusp: replace the 7x7 central pixels by averages over 9x9 sub-pixels
         ic, jc = int(round(cy)), int(round(cx))
         sub = (np.arange(9) - 4) / 9.0
-        oy, ox = np.meshgrid(sub, sub, indexing="ij")
-        for i in range(ic - 3, ic + 4):
-            ys = i + oy - cy
-            for j in range(jc - 3, jc + 4):
-                xs = j + ox - cx
-                t = np.radians(pa_deg)
-                xr = xs * np.cos(t) + ys * np.sin(t)
-                yr = -xs * np.sin(t) + ys * np.cos(t)
-                rr = np.sqrt(xr**2 + (yr / q) ** 2)
-                img[i, j] = np.exp(-b * (rr / re_pix) ** (1.0 / n)).mean()
+        cen = np.arange(-3, 4)
+        ys = (ic + cen)[:, None, None, None] + sub[None, None, :, None]  # (7, 1, 9, 1)
+        xs = (jc + cen)[None, :, None, None] + sub[None, None, None, :]  # (1, 7, 1, 9)
+        t = np.radians(pa_deg)
+        xr = (xs - cx) * np.cos(t) + (ys - cy) * np.sin(t)
+        yr = -(xs - cx) * np.sin(t) + (ys - cy) * np.cos(t)
+        rr = np.sqrt(xr**2 + (yr / q) ** 2)  # (7, 7, 9, 9)
+        img[ic - 3:ic + 4, jc - 3:jc + 4] = np.exp(-b * (rr / re_pix) ** (1.0 / n)).mean(axis=(2, 3))
     return img / img.sum()
 
 
@@ -107,7 +104,6 @@ def _disk_images(p, cx, cy, rng):
         wind = np.log(rp / h) / np.tan(pitch)
         pattern = (0.5 * (1 + np.cos(m * (theta - wind) + phase))) ** sharp
         envelope = (1 - np.exp(-((rp / (0.6 * h)) ** 2))) * np.exp(-rp / h)
-        # arms are thin in the vertical direction too: fade with inclination
         arms = pattern * envelope
         s = arms.sum()
         arms = arms / s if s > 0 else None
