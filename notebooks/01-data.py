@@ -43,12 +43,13 @@ import numpy as np
 
 from sdsscl.config import load_profile
 from sdsscl.constants import BANDS, R_BAND, R_SF11, ebv_from_extinction, nmgy_to_mag
-from sdsscl.data import SurveyDataset, band_mad, gz2_min_votes, has_specz, make_splits, save_splits
+from sdsscl.data import SurveyDataset, gz2_min_votes, has_specz, make_splits, save_splits
 from sdsscl.gz2 import TREE
 from sdsscl.mock import load_reference_catalog, summarize_mock
 from sdsscl.paper import DATASET
 from sdsscl.plotting import show_galaxies
-from sdsscl.provenance import Provenance, Table, data_files, ensure_mock, run_paths, save_figure, write_metrics
+from sdsscl.provenance import (Provenance, Table, data_files, ensure_mock, run_paths, save_figure, training_mad,
+                               write_metrics)
 
 cfg = load_profile(profile, overrides)
 paths = run_paths(cfg, runs_dir)
@@ -269,8 +270,7 @@ fractions = {"train": cfg.data.split.train, "val": cfg.data.split.val, "test": c
 labelled_set = survey.subset(labelled)
 splits = make_splits(labelled_set.objids, fractions, seed=cfg.data.split_seed)
 save_splits(splits, paths.splits, seed=cfg.data.split_seed, fractions=fractions)
-mad = band_mad(survey, max_galaxies=cfg.data.mad_subsample or len(survey), seed=cfg.data.split_seed,
-               cache=paths.stats)
+mad = training_mad(cfg, paths, survey)
 rows = [(f"labelled {name}", len(ids), fractions[name]) for name, ids in splits.items()]
 rows += [(f"band MAD {b} (nmgy)", float(v), None) for b, v in zip(BANDS, mad)]
 Table(("quantity", here, "fraction"), tuple(rows), prov, caption="Splits and per-band MAD", digits=3)
@@ -301,5 +301,5 @@ print(f"wrote {record.relative_to(paths.root.parent)}")
 # paper's by construction (profile `mock.n_galaxies`), and its photometry follows the real
 # SDSS catalogue to the degree the tables above show.
 #
-# **What next.** {doc}`/book/02-augmentations` (not yet reproduced) will apply the paper's
+# **What next.** {doc}`02-augmentations` applies the paper's
 # augmentations to these galaxies.

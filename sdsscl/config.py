@@ -37,14 +37,9 @@ import yaml
 #: The profiles that ship with the project, in increasing cost.
 PROFILE_NAMES: tuple[str, ...] = ("smoke", "default", "paper")
 
-#: The augmentations of Section 2, by the names the config uses for them.
-AUGMENTATIONS: tuple[str, ...] = (
-    "galactic_reddening",
-    "psf_smoothing",
-    "random_rotation",
-    "jitter_crop",
-    "gaussian_noise",
-)
+#: The augmentations of Section 2 by name, in the order they are applied; the same names as
+#: :data:`sdsscl.augment.AUGMENTATIONS` (kept here so reading a profile needs no torch).
+AUGMENTATIONS: tuple[str, ...] = ("reddening", "psf", "rotate", "jitter_crop", "noise")
 
 _HASHED = "hashed"  # field metadata key: False for settings that never change a result
 
@@ -178,6 +173,92 @@ class AugmentConfig:
         _check(len(set(self.enabled)) == len(self.enabled), f"augment.enabled repeats a name: {list(self.enabled)}")
 
 
+#: Encoder depths: torchvision's ResNets (Appendix E.1 uses resnet50).
+ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The encoder network (Appendix E.1; built by :func:`sdsscl.models.build_encoder`).
+
+    arch: torchvision ResNet depth (``resnet50`` in the paper).
+    stem_stride: stride of ``conv1`` (1 in the paper, which also drops the max-pool; 2 makes
+        every later activation 4x smaller, a CPU-friendly variant).
+    in_channels: input bands (5, ugriz).
+    width: channels of the stem and first stage (64 in torchvision and the paper); every stage
+        scales with it, the cost as its square; the representation has 8 x width x expansion
+        dimensions (2048 for the paper's ResNet50).
+    projection_dim: output of the two-layer MLP projection head (128, Appendix E.1).
+    """
+
+    arch: str = "resnet50"
+    stem_stride: int = 1
+    in_channels: int = 5
+    width: int = 64
+    projection_dim: int = 128
+
+    def __post_init__(self):
+        _check(self.arch in ARCHS, f"unknown encoder architecture {self.arch!r}; choose one of {list(ARCHS)}")
+        _check(self.stem_stride in (1, 2), f"encoder.stem_stride must be 1 (paper) or 2, got {self.stem_stride}")
+        _check(self.in_channels >= 1, f"encoder.in_channels must be positive, got {self.in_channels}")
+        _check(self.width >= 4 and self.width % 4 == 0,
+               f"encoder.width must be a positive multiple of 4, got {self.width}")
+        _check(self.projection_dim >= 1, f"encoder.projection_dim must be positive, got {self.projection_dim}")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """MoCo v2 pretraining (Section 2, Appendix E.1); the views come from ``augment``.
+
+    encoder: the network (paper: ResNet50, stride-1 stem, 2048-d, 128-d head).
+    epochs: passes over the data (paper: ~50).
+    batch_size: images per process and step; the global batch is batch_size x processes
+        (paper: 256 in all).
+    base_lr: SGD learning rate for a global batch of 256, scaled linearly (paper: 0.03).
+    momentum, weight_decay: SGD (MoCo v2: 0.9 and 1e-4).
+    queue_size: K, negatives in the queue (paper: ~62k, ~5% of the data); must be a multiple
+        of the global batch (checked when training starts, which knows the process count).
+    key_momentum: m of theta_k <- m theta_k + (1 - m) theta_q (Eq. E1; paper: 0.999).
+    temperature: tau of Eq. 1 (paper: 0.1).
+    key_bn_splits: on one process, the shuffled key batch is encoded in this many chunks so
+        BatchNorm cannot pair a key with its query (several processes shuffle across ranks).
+    checkpoint_every: optimizer steps between checkpoints (also at every epoch end).
+    log_every: steps between log rows.
+    num_workers: DataLoader processes reading HDF5 (speed only).
+    seed: model initialisation, sampler order and augmentation draws.
+    """
+
+    encoder: EncoderConfig
+    epochs: int
+    batch_size: int
+    base_lr: float
+    momentum: float
+    weight_decay: float
+    queue_size: int
+    key_momentum: float
+    temperature: float
+    key_bn_splits: int
+    checkpoint_every: int = field(metadata={_HASHED: False})
+    log_every: int = field(metadata={_HASHED: False})
+    num_workers: int = field(metadata={_HASHED: False})
+    seed: int
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "queue_size", "key_bn_splits", "checkpoint_every",
+                     "log_every"):
+            _check(getattr(self, name) >= 1, f"pretrain.{name} must be at least 1, got {getattr(self, name)}")
+        _check(self.base_lr > 0, f"pretrain.base_lr must be positive, got {self.base_lr}")
+        _check(self.temperature > 0, f"pretrain.temperature must be positive, got {self.temperature}")
+        _check(0 <= self.key_momentum < 1, f"pretrain.key_momentum must lie in [0, 1), got {self.key_momentum}")
+        _check(self.momentum >= 0 and self.weight_decay >= 0,
+               "pretrain.momentum and pretrain.weight_decay must be non-negative")
+        _check(self.num_workers >= 0, f"pretrain.num_workers must be non-negative, got {self.num_workers}")
+        _check(self.seed >= 0, f"pretrain.seed must be non-negative, got {self.seed}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self, hashed_only=False)
+
+
 @dataclass(frozen=True)
 class BookConfig:
     """How the book draws what it shows (presentation only, never a result).
@@ -221,6 +302,7 @@ class Profile:
     mock: MockConfig | None
     data: DataConfig
     augment: AugmentConfig
+    pretrain: PretrainConfig
     book: BookConfig
     overrides: dict[str, Any] = field(default_factory=dict, metadata={_HASHED: False})
 

@@ -6,59 +6,59 @@ vector — as the representation. Module names stay torchvision's (``conv1``, ``
 ``layer1``..``layer4``, ``fc``), so the authors' checkpoints load by name.
 
 CPU profiles use the same code with a cheaper configuration: a smaller depth
-(``resnet18``: 512-d representation) and/or a stride-2 stem, which makes every later
-activation 4x smaller (the paper chose stride 1 to keep 64x64 inputs wide, at 4x the cost).
+(``resnet18``), a stride-2 stem, which makes every later activation 4x smaller (the paper chose
+stride 1 to keep 64x64 inputs wide, at 4x the cost), and/or a narrower network (``width``, the
+channels of the stem and first stage: 64 in torchvision; every stage scales with it, so the
+cost falls as width squared and the representation has ``8 * width * expansion`` dimensions).
+With the defaults the module is exactly torchvision's ResNet with the paper's stem.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .constants import N_BANDS
+from .config import ARCHS, EncoderConfig
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
+_LAYERS = {"resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]),
+           "resnet50": ("bottleneck", [3, 4, 6, 3])}
 
 
-@dataclass(frozen=True)
-class EncoderConfig:
-    """The encoder's architecture.
+def _resnet_class():
+    from torchvision.models.resnet import ResNet
 
-    arch: torchvision ResNet depth (``resnet50`` in the paper, Appendix E.1).
-    stem_stride: stride of ``conv1`` (1 in the paper; 2 makes a CPU-friendly variant).
-    in_channels: input bands (5, ugriz).
-    projection_dim: output of the MoCo v2 two-layer MLP head (128 in the paper).
-    """
+    class ScaledResNet(ResNet):
+        """torchvision's ResNet with every stage's channels scaled by ``width / 64``."""
 
-    arch: str = "resnet50"
-    stem_stride: int = 1
-    in_channels: int = N_BANDS
-    projection_dim: int = 128
+        def __init__(self, block, layers, width: int):
+            self._scale = width / 64
+            super().__init__(block, layers)
 
-    def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown encoder architecture {self.arch!r}; choose one of {ARCHS}")
-        if self.stem_stride not in (1, 2):
-            raise ValueError(f"stem_stride must be 1 (paper) or 2, got {self.stem_stride}")
-        if self.in_channels < 1 or self.projection_dim < 1:
-            raise ValueError("in_channels and projection_dim must be positive")
+        def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+            if planes == 64:  # first stage: the stem's output width
+                self.inplanes = int(64 * self._scale)
+            return super()._make_layer(block, int(planes * self._scale), blocks, stride, dilate)
+
+    return ScaledResNet
 
 
 def build_resnet(cfg: EncoderConfig) -> nn.Module:
     """A torchvision ResNet with the paper's stem; ``fc`` is an ``Identity`` (representation out)."""
-    import torchvision
+    from torchvision.models.resnet import BasicBlock, Bottleneck
 
-    net = getattr(torchvision.models, cfg.arch)(weights=None)
-    net.conv1 = nn.Conv2d(cfg.in_channels, 64, kernel_size=7, stride=cfg.stem_stride, padding=3,
-                          bias=False)
+    kind, layers = _LAYERS[cfg.arch]
+    net = _resnet_class()(BasicBlock if kind == "basic" else Bottleneck, layers, cfg.width)
+    net.conv1 = nn.Conv2d(cfg.in_channels, cfg.width, kernel_size=7, stride=cfg.stem_stride,
+                          padding=3, bias=False)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    net.bn1 = nn.BatchNorm2d(cfg.width)
     net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net
 
 
 def representation_dim(cfg: EncoderConfig) -> int:
-    return 2048 if cfg.arch == "resnet50" else 512
+    """Dimension of the representation: 2048 for the paper's ResNet50."""
+    return 8 * cfg.width * (4 if _LAYERS[cfg.arch][0] == "bottleneck" else 1)
 
 
 def projection_head(in_dim: int, out_dim: int) -> nn.Sequential:

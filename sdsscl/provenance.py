@@ -28,6 +28,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from sdsscl.config import ConfigError, Profile, project_root
 
 log = logging.getLogger(__name__)
@@ -290,3 +292,16 @@ class Table:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def training_mad(profile: Profile, paths: RunPaths, dataset) -> np.ndarray:
+    """The run's per-band MAD that scales the noise augmentation (Section 2).
+
+    Over ``data.mad_subsample`` galaxies of ``dataset`` (all of them when null), drawn with
+    ``data.split_seed``, cached in ``runs/<profile>/stats.json``: every chapter and the
+    pretraining use the same numbers.
+    """
+    from .data import band_mad
+
+    return band_mad(dataset, max_galaxies=profile.data.mad_subsample or len(dataset),
+                    seed=profile.data.split_seed, cache=paths.stats)

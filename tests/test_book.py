@@ -75,7 +75,8 @@ def test_no_setting_is_written_as_a_literal_outside_the_parameters_cell(path):
     for cell in jupytext.read(path).cells:
         if cell.cell_type != "code" or "parameters" in cell.metadata.get("tags", []):
             continue
-        for node in ast.walk(ast.parse(cell.source)):
+        python = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith("%"))
+        for node in ast.walk(ast.parse(python)):  # IPython magics (%matplotlib inline) aside
             if isinstance(node, ast.keyword) and node.arg in SETTING_KEYWORDS:
                 assert not isinstance(node.value, ast.Constant), \
                     f"{path.name}: {node.arg}={ast.unparse(node.value)} belongs in the profile"

@@ -39,7 +39,7 @@ def test_paper_profile_carries_section_2_and_appendix_values():
     a = p.augment
     assert (a.max_ebv, a.psf_sigma_r_arcsec, a.psf_wavelength_power) == (0.5, 0.13, -0.3)
     assert (a.max_jitter, a.crop_size, a.noise_scale_min, a.noise_scale_max) == (7, 64, 1.0, 3.0)
-    assert set(a.enabled) == set(AUGMENTATIONS) - {"psf_smoothing"}  # Appendix D: all but PSF
+    assert set(a.enabled) == set(AUGMENTATIONS) - {"psf"}  # Appendix D: all but PSF
     assert p.mock is None and p.data.source == "files"
     assert p.data.unlabelled == "train*.h5" and p.data.labelled == "sdss_w_specz_valid.h5"
     assert p.data.mad_subsample is None  # "pre-computed over all training examples"
@@ -48,9 +48,23 @@ def test_paper_profile_carries_section_2_and_appendix_values():
 
 def test_paper_yaml_cites_a_section_for_every_augmentation_value():
     text = (project_root() / "profiles" / "paper.yaml").read_text()
-    block = text.split("augment:")[1].split("book:")[0]
+    block = text.split("augment:")[1].split("pretrain:")[0]
     for line in block.strip().splitlines():
         assert "Section" in line or line.strip().startswith(("noise_scale_max", "#")), line
+
+
+def test_paper_yaml_gives_a_source_for_every_pretraining_value():
+    text = (project_root() / "profiles" / "paper.yaml").read_text()
+    block = text.split("\npretrain:")[1].split("\nbook:")[0]
+    speed_only = ("checkpoint_every", "log_every", "num_workers", "encoder:")
+    for line in block.strip().splitlines():
+        if line.strip().startswith(speed_only):
+            continue
+        assert any(src in line for src in ("Appendix", "Section", "MoCo", "He et al", "not given")), line
+    p = load_profile("paper").pretrain
+    assert (p.encoder.arch, p.encoder.stem_stride, p.encoder.width) == ("resnet50", 1, 64)
+    assert (p.base_lr, p.key_momentum, p.temperature, p.epochs) == (0.03, 0.999, 0.1, 50)
+    assert p.queue_size % (p.batch_size * 8) == 0  # 8 GPUs, as the paper ran
 
 
 def test_overrides_apply_and_validate():

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from sdsscl.checkpoint import CheckpointError, load_encoder, load_safe, save_atomic
-from sdsscl.models import EncoderConfig, build_encoder
+from sdsscl.config import ConfigError, EncoderConfig
+from sdsscl.models import build_encoder
 from sdsscl.moco import MoCo, check_queue_size, info_nce_loss
 
 SMALL = EncoderConfig(arch="resnet18", stem_stride=2, projection_dim=16)
@@ -50,7 +51,7 @@ def test_resnet50_gives_2048d_with_paper_stem():
 
 
 def test_unknown_architecture_is_a_clear_error():
-    with pytest.raises(ValueError, match="resnet51"):
+    with pytest.raises(ConfigError, match="resnet51"):
         EncoderConfig(arch="resnet51")
 
 

@@ -1,0 +1,176 @@
+"""Throughput of the two-view augmentation pipeline against an authors-style per-image reference.
+
+Times ``TwoViews(AugmentationPipeline(...))`` from ``sdsscl.augment`` on one batch of
+``(B, 5, 107, 107)`` images -> two ``(B, 5, 64, 64)`` views, for the paper's best set (all but the
+PSF, Appendix D) and for all five augmentations, and, side by side on the same batch, a
+reference written the way the authors' loader works: one image at a time, numpy and
+scikit-image (reddening multiply, ``scipy.ndimage.gaussian_filter`` per band,
+``skimage.transform.rotate`` bilinear, integer jitter crop, numpy Gaussian noise).
+
+    .venv/bin/python benchmarks/bench_augment.py                    # CPU
+    .venv/bin/python benchmarks/bench_augment.py --device cuda      # GPU (reference still on CPU)
+
+Views/s counts augmented 64x64 views (two per image per call). Timings on a shared machine vary
+with its load, which the script prints: torch's multi-threaded CPU kernels stall whenever another
+process holds a core, so compare ``--threads 1`` (one core each) there, and read the best call
+as the uncontended speed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+from skimage.transform import rotate as sk_rotate
+
+from sdsscl.augment import AUGMENTATIONS, BEST_AUGMENTATIONS, AugmentationPipeline, TwoViews
+from sdsscl.constants import CROP_SIZE, CUTOUT_SIZE, MAX_JITTER, PIXEL_SCALE, R_BAND, R_SF11, WAVELENGTH_EFF
+
+
+def make_batch(n: int, seed: int) -> np.ndarray:
+    """A random batch of galaxy-like ugriz cutouts in nanomaggies, (n, 5, 107, 107) float32."""
+    rng = np.random.default_rng(seed)
+    size = CUTOUT_SIZE
+    yy, xx = np.mgrid[0:size, 0:size] - size // 2
+    sky = np.array([0.041, 0.0165, 0.0275, 0.044, 0.19])[None, :, None, None]   # DATA-FACTS, nmgy
+    q = rng.uniform(0.3, 1.0, n)[:, None, None]
+    phi = rng.uniform(0, np.pi, n)[:, None, None]
+    re = rng.uniform(3, 12, n)[:, None, None]
+    xr = xx * np.cos(phi) + yy * np.sin(phi)
+    yr = (-xx * np.sin(phi) + yy * np.cos(phi)) / q
+    profile = np.exp(-np.sqrt(xr**2 + yr**2) / re)                                  # (n, H, W)
+    colour = np.array([0.3, 1.0, 1.6, 2.0, 2.3])[None, :, None, None]
+    images = rng.uniform(0.5, 5, (n, 1, 1, 1)) * colour * profile[:, None] + rng.normal(0, 1, (n, 5, size, size)) * sky
+    return images.astype(np.float32)
+
+
+def mad_per_band(images: np.ndarray) -> np.ndarray:
+    """Per-band median absolute deviation over the batch (the data layer's job in training)."""
+    x = images.transpose(1, 0, 2, 3).reshape(5, -1)
+    return np.median(np.abs(x - np.median(x, axis=1, keepdims=True)), axis=1)
+
+
+def reference_view(img: np.ndarray, rng: np.random.Generator, mad: np.ndarray, psf: bool) -> np.ndarray:
+    """One view of one (5, 107, 107) image, the authors' way: numpy/scikit-image, one image at a time."""
+    ebv = rng.uniform(0, 0.5)
+    img = img * (10 ** (-0.4 * R_SF11 * ebv))[:, None, None]
+    if psf:
+        sigma_r = abs(rng.normal(0, 0.13)) / PIXEL_SCALE
+        scale = (WAVELENGTH_EFF / WAVELENGTH_EFF[R_BAND]) ** -0.3
+        img = np.stack([gaussian_filter(img[b], sigma_r * scale[b]) for b in range(5)])
+    angle = rng.uniform(0, 360)
+    img = sk_rotate(img.transpose(1, 2, 0), angle, order=1, mode="constant", cval=0,
+                    preserve_range=True, clip=False).transpose(2, 0, 1)
+    cy = img.shape[1] // 2 + rng.integers(-MAX_JITTER, MAX_JITTER + 1)
+    cx = img.shape[2] // 2 + rng.integers(-MAX_JITTER, MAX_JITTER + 1)
+    half = CROP_SIZE // 2
+    img = img[:, cy - half:cy + half, cx - half:cx + half]
+    level = rng.uniform(1, 3)
+    return (img + rng.normal(0, 1, img.shape) * (level * mad)[:, None, None]).astype(np.float32)
+
+
+def time_reference(images: np.ndarray, mad: np.ndarray, psf: bool, repeats: int, seed: int) -> list[float]:
+    """Seconds for two views of every image, per repeat."""
+    rng = np.random.default_rng(seed)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for img in images:
+            reference_view(img, rng, mad, psf)
+            reference_view(img, rng, mad, psf)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_torch(views: TwoViews, batch: torch.Tensor, repeats: int, warmup: int, seed: int) -> list[float]:
+    """Seconds per call of ``views(batch)`` (both views, parameters drawn included), per repeat;
+    synchronised on CUDA."""
+    gen = torch.Generator().manual_seed(seed)
+    cuda = batch.device.type == "cuda"
+    for _ in range(warmup):
+        views(batch, gen)
+    if cuda:
+        torch.cuda.synchronize(batch.device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        views(batch, gen)
+        if cuda:
+            torch.cuda.synchronize(batch.device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def machine(device: torch.device) -> dict[str, str]:
+    cpu = platform.processor() or ""
+    if not cpu and os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    info = {
+        "cpu": cpu or platform.machine(),
+        "cpu count": str(os.cpu_count()),
+        "torch threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu or platform.machine()})",
+    }
+    if hasattr(os, "getloadavg"):
+        info["load average (1 min)"] = f"{os.getloadavg()[0]:.2f}"
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per call (default: 256)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per pipeline (default: 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: 3)")
+    parser.add_argument("--ref-images", type=int, default=128,
+                        help="images of the batch the per-image reference runs on (default: 128)")
+    parser.add_argument("--ref-repeats", type=int, default=3, help="timed reference passes (default: 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=2021)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device")
+
+    images = make_batch(args.batch_size, args.seed)
+    mad = mad_per_band(images)
+    batch = torch.from_numpy(images).to(device)
+
+    print(f"Two-view augmentation throughput: {args.batch_size} x 5 x {CUTOUT_SIZE} x {CUTOUT_SIZE} "
+          f"-> 2 x {CROP_SIZE} x {CROP_SIZE}, float32")
+    for key, value in machine(device).items():
+        print(f"  {key:22s} {value}")
+    print(f"  {'per-band MAD (nmgy)':22s} {np.array2string(mad, precision=4)}")
+    print()
+    rows = []
+    n_ref = min(args.ref_images, args.batch_size)
+    for label, names in (("best set (no PSF)", BEST_AUGMENTATIONS), ("all five (with PSF)", AUGMENTATIONS)):
+        views = TwoViews(AugmentationPipeline(names, mad=mad))
+        ours = 2 * args.batch_size / np.array(time_torch(views, batch, args.repeats, args.warmup, args.seed))
+        ref = 2 * n_ref / np.array(time_reference(images[:n_ref], mad, "psf" in names, args.ref_repeats, args.seed))
+        rows.append((label, np.median(ours), ours.max(), np.median(ref), ref.max()))
+    header = (f"{'pipeline':21s} {'sdsscl views/s':>15s} {'(best)':>9s} {'reference views/s':>18s} "
+              f"{'(best)':>8s} {'ratio':>7s} {'(best)':>7s}")
+    print(header)
+    print("-" * len(header))
+    for label, ours, ours_best, ref, ref_best in rows:
+        print(f"{label:21s} {ours:15,.0f} {ours_best:9,.0f} {ref:18,.0f} {ref_best:8,.0f} "
+              f"{ours / ref:6.1f}x {ours_best / ref_best:6.1f}x")
+    print()
+    print(f"views/s: 64x64 views produced per second (2 per image), median over calls and best call;\n"
+          f"ratio: sdsscl / reference. sdsscl: {device.type}, {args.repeats} calls of {args.batch_size} images after "
+          f"{args.warmup} warm-up calls. reference: numpy/scikit-image, one image at a time in one process,\n"
+          f"{n_ref} images x 2 views, {args.ref_repeats} passes. Load average after the run: "
+          f"{os.getloadavg()[0]:.2f} (shared machine).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,988 @@
+"""The paper's augmentations (Hayat et al. 2021, Section 2; ablation in Appendix D).
+
+Every augmentation acts on a batch ``(B, 5, H, W)`` of ugriz images in nanomaggies and
+draws independent parameters per image. Each one has
+
+* ``sample(batch_size, generator=None, device="cpu") -> params``: draws the random
+  parameters (a small dataclass of tensors) from a CPU ``torch.Generator`` (or torch's
+  global CPU generator) and moves them to ``device``, so a seed gives the same draws on
+  the CPU and on a GPU;
+* ``apply(batch, params)``: the deterministic transform given those parameters;
+* ``__call__(batch, generator=None)``: ``apply(batch, sample(...))``.
+
+Order of the composition (:class:`AugmentationPipeline`): the order Section 2 lists the
+augmentations in, which is also the physical order in which the effects arise::
+
+    reddening -> psf -> rotate + jitter_crop (one resampling) -> noise
+
+Dust dims the light on its way to us and the atmosphere/optics blur it, so both act on the
+sky image (the full ``107 x 107`` cutout); rotation and jitter-crop only choose how that image
+is framed; instrumental noise is added last, to the ``64 x 64`` crop the network sees, so it
+stays independent from pixel to pixel with exactly the drawn standard deviation (noise added
+before the rotation or the blur would be interpolated and smoothed). Rotation and crop are
+fused into one bilinear resampling (one ``grid_sample`` call); without ``jitter_crop`` the
+plain centre crop is used (fused with the rotation when there is one), so the output is
+always ``64 x 64``. Reddening is a per-(image, band) factor, which commutes exactly with the
+linear per-band operations that follow it, so the pipeline applies it as a scale in the same
+pass as the noise, on the small crop; the result is the same to float rounding.
+
+Conventions:
+
+* pixel ``(row, col) = (y, x)``; the rotation centre is the image centre
+  ``((H - 1) / 2, (W - 1) / 2)`` (pixel 53 for the 107-pixel cutouts);
+* a positive angle rotates the image content **counter-clockwise as displayed with row 0 at
+  the top** (``imshow``'s default), the convention of ``skimage.transform.rotate`` and of
+  ``torch.rot90(x, k, dims=(-2, -1))``: an angle of ``k * pi / 2`` equals ``torch.rot90(x, k,
+  dims=(-2, -1))``;
+* crops follow the authors' loader: crop centre ``c = H // 2 + shift`` (53 for 107 pixels), rows
+  ``c - 32 .. c + 31``; ``shifts[:, 0]`` moves the rows (y), ``shifts[:, 1]`` the columns (x).
+
+Precision: parameters are drawn in float64 on the CPU and stored as float32. float32 and float64
+batches are computed in their own precision. float16 and bfloat16 batches are accepted: the
+resampling grid, the blur, the reddening and the noise are computed in float32 and the result is
+cast back, so the only loss is the final rounding to the 11-bit (float16) or 8-bit (bfloat16)
+significand. That is harmless for training; bfloat16 steps of 0.4% make it unsuitable for
+photometry, and float16 overflows above 65504 nmgy in a pixel (magnitude 10.5) and goes subnormal
+below 6e-5 nmgy, far below the sky noise.
+
+The Gaussian noise field is drawn on the batch's device from a seed that is part of the
+parameters, so ``apply`` is exactly repeatable; CPU and CUDA draw different fields from the
+same seed (different generators), with the same per-band standard deviations. On the CPU the
+field is drawn in groups of 32 images with their own seeded generators, in parallel threads.
+
+Speed: the pipeline works a few images at a time on the CPU (cache-sized blocks and a reused
+zero frame, no whole-batch temporaries) and on the whole batch in a handful of kernels on a GPU,
+with no per-image Python loop and no host synchronisation (parameters travel through pinned
+memory; the PSF kernel size is fixed when the parameters are drawn). On a CPU shared with other
+busy processes, torch's multi-threaded kernels stall at every parallel region; there
+``torch.set_num_threads(1)`` (as in DataLoader workers) is faster.
+
+No GPU is touched at import; devices come from the inputs.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .constants import (
+    CROP_SIZE,
+    MAX_JITTER,
+    N_BANDS,
+    PIXEL_SCALE,
+    R_BAND,
+    R_DR12,
+    R_SF11,
+    WAVELENGTH_EFF,
+)
+
+__all__ = [
+    "AUGMENTATIONS",
+    "BEST_AUGMENTATIONS",
+    "Augmentation",
+    "AugmentationPipeline",
+    "AugmentationParams",
+    "CenterCrop",
+    "Deredden",
+    "GalacticReddening",
+    "GaussianNoise",
+    "JitterCrop",
+    "JitterParams",
+    "NoiseParams",
+    "PSFBlur",
+    "PSFParams",
+    "RandomRotate",
+    "ReddeningParams",
+    "RotationParams",
+    "TwoViews",
+    "discrete_gaussian_kernels",
+    "discrete_gaussian_radius",
+    "rotate_crop",
+]
+
+#: The augmentation names of the ablation (Appendix D), in the order the pipeline applies them.
+AUGMENTATIONS: tuple[str, ...] = ("reddening", "psf", "rotate", "jitter_crop", "noise")
+#: The paper's best set (Section 2 and Appendix D): all augmentations but the PSF.
+BEST_AUGMENTATIONS: tuple[str, ...] = ("reddening", "rotate", "jitter_crop", "noise")
+
+# Images processed together on the CPU (keeps the working set in cache and avoids fresh
+# page-faulting allocations of whole-batch temporaries); other devices take the whole batch.
+_CPU_BLUR_CHUNK = 16
+_CPU_GEOMETRY_CHUNK = 32
+# Images per independently seeded CPU noise stream (drawn in parallel threads).
+_NOISE_GROUP = 32
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None
+_SCRATCH = threading.local()
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _check_batch(owner: str, batch: Tensor) -> None:
+    """Raise a ValueError unless ``batch`` is a floating ``(B, 5, H, W)`` tensor."""
+    if not isinstance(batch, Tensor):
+        raise TypeError(f"{owner}: expected a torch.Tensor batch of shape (B, {N_BANDS}, H, W), "
+                        f"got {type(batch).__name__}")
+    if batch.ndim != 4 or batch.shape[1] != N_BANDS:
+        raise ValueError(f"{owner}: expected a batch of shape (B, {N_BANDS}, H, W) (ugriz), "
+                         f"got shape {tuple(batch.shape)}")
+    if not batch.is_floating_point():
+        raise ValueError(f"{owner}: expected a floating-point batch (nanomaggies), got {batch.dtype}")
+
+
+def _check_params_batch(owner: str, batch: Tensor, n: int) -> None:
+    if batch.shape[0] != n:
+        raise ValueError(f"{owner}: parameters were drawn for {n} images, the batch has "
+                         f"{batch.shape[0]} (shape {tuple(batch.shape)})")
+
+
+def _check_generator(owner: str, generator: torch.Generator | None) -> None:
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"{owner}: parameters are drawn on the CPU so that every device sees the "
+                         f"same draws; pass a CPU torch.Generator, got one on {generator.device}")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16/bfloat16 are computed in float32; float32/float64 in themselves."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def _to_device(t: Tensor, device: torch.device | str) -> Tensor:
+    """Move a small CPU tensor to ``device`` without a host synchronisation on CUDA."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@lru_cache(maxsize=64)
+def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A cached constant vector on a device (copied once per device and dtype)."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _band_constant(values, like: Tensor) -> Tensor:
+    """``values`` (5,) as a tensor on ``like``'s device in its computation dtype."""
+    return _constant(tuple(float(v) for v in values), like.device, _compute_dtype(like.dtype))
+
+
+def _crop_origin(size: int, crop_size: int) -> int:
+    """First row (or column) of the centre crop: ``size // 2 - crop_size // 2`` (21 for 107 -> 64)."""
+    return size // 2 - crop_size // 2
+
+
+# ----------------------------------------------------------------------------- base class
+class Augmentation:
+    """Base of the random augmentations: ``__call__`` = ``sample`` then ``apply``."""
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu"):
+        raise NotImplementedError
+
+    def apply(self, batch: Tensor, params) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        _check_batch(type(self).__name__, batch)
+        return self.apply(batch, self.sample(batch.shape[0], generator, device=batch.device))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+# ----------------------------------------------------------------------------- reddening
+@dataclass
+class ReddeningParams:
+    """ebv: E(B-V) per image, magnitudes, shape (B,)."""
+
+    ebv: Tensor
+
+
+class GalacticReddening(Augmentation):
+    """Artificial Galactic reddening (Section 2, "Galactic extinction").
+
+    Draws ``E(B-V) ~ U(0, max_ebv)`` per image and dims band b by ``10**(-0.4 R_b E(B-V))``.
+
+    max_ebv: upper end of the uniform E(B-V) distribution, magnitudes (Section 2: 0.5).
+    coefficients: ``R_b = A_b / E(B-V)`` per band, ugriz (Section 2: Schlafly & Finkbeiner
+        2011, ``constants.R_SF11``).
+    """
+
+    def __init__(self, *, max_ebv: float = 0.5, coefficients: Sequence[float] = tuple(R_SF11.tolist())):
+        if not max_ebv >= 0:
+            raise ValueError(f"GalacticReddening: max_ebv must be >= 0, got {max_ebv}")
+        if len(coefficients) != N_BANDS:
+            raise ValueError(f"GalacticReddening: expected {N_BANDS} coefficients (ugriz), "
+                             f"got {len(coefficients)}")
+        self.max_ebv = float(max_ebv)
+        self.coefficients = tuple(float(c) for c in coefficients)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> ReddeningParams:
+        _check_generator("GalacticReddening", generator)
+        ebv = torch.rand(batch_size, generator=generator, dtype=torch.float64) * self.max_ebv  # (B,)
+        return ReddeningParams(ebv=_to_device(ebv.float(), device))
+
+    def factors(self, ebv: Tensor, like: Tensor) -> Tensor:
+        """Flux factors ``10**(-0.4 R_b E)``, shape (B, 5), in ``like``'s computation dtype."""
+        coeff = _band_constant(self.coefficients, like)                   # (5,)
+        return torch.pow(10.0, -0.4 * coeff * ebv.to(coeff.dtype)[:, None])  # (B, 5)
+
+    def apply(self, batch: Tensor, params: ReddeningParams) -> Tensor:
+        _check_batch("GalacticReddening", batch)
+        _check_params_batch("GalacticReddening", batch, params.ebv.shape[0])
+        f = self.factors(params.ebv, batch)                              # (B, 5)
+        return (batch.to(f.dtype) * f[:, :, None, None]).to(batch.dtype)  # (B, 5, H, W)
+
+
+class Deredden:
+    """Undo the tabulated Galactic extinction of each galaxy, as the authors' loader does.
+
+    ``E(B-V) = mean_b(e_bv_b / R_DR12_b)``, then ``image_b *= 10**(R_SF11_b E(B-V) / 2.5)``.
+
+    coefficients: extinction coefficients used to correct, ugriz (``constants.R_SF11``).
+    tabulated_coefficients: the coefficients SDSS DR12 used to tabulate the ``e_bv`` column
+        (``constants.R_DR12``), used to recover E(B-V).
+    """
+
+    def __init__(self, *, coefficients: Sequence[float] = tuple(R_SF11.tolist()),
+                 tabulated_coefficients: Sequence[float] = tuple(R_DR12.tolist())):
+        for name, c in (("coefficients", coefficients), ("tabulated_coefficients", tabulated_coefficients)):
+            if len(c) != N_BANDS:
+                raise ValueError(f"Deredden: expected {N_BANDS} {name} (ugriz), got {len(c)}")
+        self.coefficients = tuple(float(c) for c in coefficients)
+        self.tabulated_coefficients = tuple(float(c) for c in tabulated_coefficients)
+
+    def ebv(self, e_bv: Tensor) -> Tensor:
+        """E(B-V) per galaxy, shape (B,), from the per-band extinction ``e_bv`` (B, 5): the torch
+        form of ``constants.ebv_from_extinction``, on ``e_bv``'s device."""
+        r_tab = _constant(self.tabulated_coefficients, e_bv.device, _compute_dtype(e_bv.dtype))
+        return (e_bv.to(r_tab.dtype) / r_tab).mean(dim=-1)               # (B,)
+
+    def __call__(self, batch: Tensor, e_bv: Tensor) -> Tensor:
+        _check_batch("Deredden", batch)
+        e_bv = torch.as_tensor(e_bv)
+        if e_bv.shape != (batch.shape[0], N_BANDS):
+            raise ValueError(f"Deredden: expected e_bv of shape ({batch.shape[0]}, {N_BANDS}) "
+                             f"(per-band extinction, magnitudes), got {tuple(e_bv.shape)}")
+        e_bv = e_bv.to(batch.device)
+        coeff = _band_constant(self.coefficients, batch)                  # (5,)
+        ebv = self.ebv(e_bv).to(coeff.dtype)                              # (B,)
+        f = torch.pow(10.0, coeff * ebv[:, None] / 2.5)                   # (B, 5)
+        return (batch.to(f.dtype) * f[:, :, None, None]).to(batch.dtype)  # (B, 5, H, W)
+
+    def __repr__(self) -> str:
+        return f"Deredden(coefficients={self.coefficients}, tabulated_coefficients={self.tabulated_coefficients})"
+
+
+# ----------------------------------------------------------------------------- PSF
+@dataclass
+class PSFParams:
+    """sigma_r: r-band Gaussian standard deviation per image, arcsec, shape (B,).
+    radius: kernel half-width in pixels for the batch, set by ``sample`` from the CPU draws
+        (None: computed from sigma_r in ``apply``, which reads them back from the GPU).
+    """
+
+    sigma_r: Tensor
+    radius: int | None = None
+
+
+def discrete_gaussian_kernels(sigma: Tensor, radius: int) -> Tensor:
+    """Normalised 1-D discrete Gaussian kernels ``(N, 2 * radius + 1)`` for ``sigma`` (N,) in pixels.
+
+    The discrete Gaussian ``T(n, t) = exp(-t) I_n(t)``, ``t = sigma**2`` (Lindeberg 1990), is the
+    Gaussian of the pixel lattice: its variance is exactly ``sigma**2`` at every width (a sampled
+    Gaussian of sigma = 0.33 px, the paper's typical r-band width, has a variance 5x too small),
+    two of them convolve into one, and ``sigma = 0`` is the identity. It is computed from its
+    Fourier series, ``T(n, t) = (1/M) sum_m exp(t (cos th_m - 1)) cos(n th_m)``, which the M-point
+    trapezoid rule gives exactly up to aliased terms ``T(n +- M)``, negligible for
+    ``M = 4 radius + 8``. The kernel is truncated at ``radius`` and renormalised to sum 1.
+    Computed in float64 (float32 on Apple MPS).
+    """
+    dtype = torch.float32 if sigma.device.type == "mps" else torch.float64
+    sigma = sigma.to(dtype)
+    m = 4 * radius + 8
+    theta = torch.arange(m, device=sigma.device, dtype=dtype) * (2 * math.pi / m)        # (M,)
+    n = torch.arange(-radius, radius + 1, device=sigma.device, dtype=dtype)                # (K,)
+    spectrum = torch.exp(sigma.reshape(-1, 1) ** 2 * (torch.cos(theta) - 1.0))           # (N, M)
+    kernels = spectrum @ torch.cos(theta[:, None] * n[None, :]) / m                        # (N, K)
+    kernels = kernels.clamp_min(0.0)
+    return kernels / kernels.sum(dim=-1, keepdim=True)                                     # (N, K)
+
+
+def discrete_gaussian_radius(sigma: Tensor, tail: float) -> Tensor:
+    """Smallest half-width R per ``sigma`` (N,) [px] leaving at most ``tail`` of the kernel's mass
+    outside ``|n| <= R``; a long tensor (N,) on the CPU. The discrete Gaussian has heavier tails
+    than ``truncate * sigma`` rules assume at small sigma (it is a Skellam distribution)."""
+    sigma = sigma.detach().to("cpu", torch.float64).reshape(-1)
+    if sigma.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    big = int(math.ceil(10 * float(sigma.max()) + 10))
+    k = discrete_gaussian_kernels(sigma, big)                                  # (N, 2 big + 1)
+    inside = k[:, big:big + 1] + torch.cat(                                    # mass in |n| <= R
+        [torch.zeros_like(k[:, :1]), 2 * torch.cumsum(k[:, big + 1:], dim=-1)], dim=-1)
+    return ((1.0 - inside) > tail).sum(dim=-1)                                 # (N,)
+
+
+def _blur_taps(x: Tensor, k: Tensor, out: Tensor | None = None) -> Tensor:
+    """Separable blur of planes ``x`` (G, H, W) with per-plane symmetric kernels ``k`` (G, 2r+1),
+    zero outside the image: 2r + 1 multiply-adds per axis on shifted views, no padding copies
+    (the CPU path). ``out``: optional (G, H, W) destination (may be a strided view)."""
+    g, h, w = x.shape
+    r = (k.shape[1] - 1) // 2
+    kk = k[:, :, None, None]                                     # (G, K, 1, 1)
+    if out is None:
+        out = x.new_empty(g, h, w)
+    if r == 0:
+        return torch.mul(x, kk[:, 0], out=out)
+    along_y = x * kk[:, r]                                       # (G, H, W)
+    for d in range(1, min(r, h - 1) + 1):                        # rows i - d and i + d
+        along_y[:, d:].addcmul_(x[:, :h - d], kk[:, r - d])
+        along_y[:, :h - d].addcmul_(x[:, d:], kk[:, r + d])
+    torch.mul(along_y, kk[:, r], out=out)                        # (G, H, W)
+    for d in range(1, min(r, w - 1) + 1):                        # columns j - d and j + d
+        out[:, :, d:].addcmul_(along_y[:, :, :w - d], kk[:, r - d])
+        out[:, :, :w - d].addcmul_(along_y[:, :, d:], kk[:, r + d])
+    return out
+
+
+def _blur_conv(x: Tensor, k: Tensor) -> Tensor:
+    """The same blur as two depthwise (grouped) convolutions: two launches on a GPU."""
+    g, h, w = x.shape
+    r = (k.shape[1] - 1) // 2
+    planes = x.reshape(1, g, h, w)
+    planes = F.conv2d(planes, k.reshape(g, 1, -1, 1), padding=(r, 0), groups=g)  # along y
+    planes = F.conv2d(planes, k.reshape(g, 1, 1, -1), padding=(0, r), groups=g)  # along x
+    return planes.reshape(g, h, w)
+
+
+class PSFBlur(Augmentation):
+    """Point-spread-function augmentation (Section 2, "Point Spread Function").
+
+    Wavelength-dependent Gaussian smoothing: the r-band standard deviation is drawn per image
+    from ``|N(0, sigma_r_arcsec)|`` and band b uses ``sigma_r * (lambda_b / lambda_r)**exponent``,
+    with the SDSS effective wavelengths (``constants.WAVELENGTH_EFF``). Each (image, band) is
+    convolved with a normalised separable discrete Gaussian (:func:`discrete_gaussian_kernels`),
+    so flux is conserved (except light blurred past the border, which is treated as empty,
+    background-subtracted sky, i.e. zero padding) and a blurred point source has exactly the
+    drawn variance. A sigma too small to move ``tail`` of the flux is exactly the identity.
+
+    sigma_r_arcsec: scale of the half-normal r-band sigma, arcsec (Section 2: 0.13").
+    wavelength_exponent: sigma ~ lambda**exponent (Section 2, after Xin et al. 2018: -0.3).
+    pixel_scale: arcsec per pixel (SDSS: 0.396").
+    tail: kernels are truncated where at most this fraction of the widest kernel's mass lies
+        outside (1e-7, about float32 resolution), then renormalised.
+    """
+
+    def __init__(self, *, sigma_r_arcsec: float = 0.13, wavelength_exponent: float = -0.3,
+                 pixel_scale: float = PIXEL_SCALE, tail: float = 1e-7):
+        if not sigma_r_arcsec >= 0:
+            raise ValueError(f"PSFBlur: sigma_r_arcsec must be >= 0, got {sigma_r_arcsec}")
+        if not pixel_scale > 0:
+            raise ValueError(f"PSFBlur: pixel_scale must be > 0, got {pixel_scale}")
+        if not 0 < tail < 1:
+            raise ValueError(f"PSFBlur: tail must be in (0, 1), got {tail}")
+        self.sigma_r_arcsec = float(sigma_r_arcsec)
+        self.wavelength_exponent = float(wavelength_exponent)
+        self.pixel_scale = float(pixel_scale)
+        self.tail = float(tail)
+
+    @property
+    def band_scale(self) -> tuple[float, ...]:
+        """``(lambda_b / lambda_r)**exponent`` per band, ugriz (u widest for exponent -0.3)."""
+        lam = WAVELENGTH_EFF
+        return tuple(float(v) for v in (lam / lam[R_BAND]) ** self.wavelength_exponent)
+
+    def sigma_pixels(self, sigma_r: Tensor) -> Tensor:
+        """Per-band standard deviations in pixels, shape (B, 5), from sigma_r (B,) in arcsec."""
+        dtype = torch.float32 if sigma_r.device.type == "mps" else torch.float64
+        scale = _constant(self.band_scale, sigma_r.device, dtype)                  # (5,)
+        return sigma_r.to(dtype)[:, None] * scale[None, :] / self.pixel_scale      # (B, 5)
+
+    def radius(self, sigma_r: Tensor) -> int:
+        """Kernel half-width [px] for a batch of r-band sigmas (arcsec); reads them on the CPU."""
+        if sigma_r.numel() == 0:
+            return 0
+        widest = self.sigma_pixels(sigma_r.detach().cpu().reshape(-1)).max().reshape(1)
+        return int(discrete_gaussian_radius(widest, self.tail)[0])
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> PSFParams:
+        _check_generator("PSFBlur", generator)
+        sigma_r = torch.randn(batch_size, generator=generator, dtype=torch.float64).abs()
+        sigma_r = (sigma_r * self.sigma_r_arcsec).float()                           # (B,) arcsec
+        return PSFParams(sigma_r=_to_device(sigma_r, device), radius=self.radius(sigma_r))
+
+    def _plan(self, params: PSFParams, device: torch.device, n: int) -> tuple[Tensor, int, list]:
+        """Per-(image, band) kernels (B, 5, 2R+1) at the batch half-width R, and the blocks to
+        blur: ``[(slice, r)]``. On the CPU, blocks of a few images (cache-sized), each truncated
+        at the half-width its widest kernel needs; elsewhere one block."""
+        radius = params.radius if params.radius is not None else self.radius(params.sigma_r)
+        sigma = self.sigma_pixels(params.sigma_r)                                   # (B, 5) px
+        kernels = discrete_gaussian_kernels(sigma.reshape(-1), radius).reshape(n, N_BANDS, 2 * radius + 1)
+        blocks = _blocks(n, device, _CPU_BLUR_CHUNK)
+        if len(blocks) == 1 or radius == 0:
+            return kernels, radius, [(blk, radius) for blk in blocks]
+        widest = torch.stack([sigma[blk].max() for blk in blocks])                 # (n_blocks,)
+        block_radius = discrete_gaussian_radius(widest, self.tail).clamp_max(radius).tolist()
+        return kernels, radius, list(zip(blocks, block_radius))
+
+    @staticmethod
+    def _blur_block(x: Tensor, kernels: Tensor, radius: int, r: int, out: Tensor | None = None) -> Tensor:
+        """Blur images ``x`` (n, 5, H, W) with their kernels (n, 5, 2 radius + 1) cut to half-width
+        r; ``out``: optional (n, 5, H, W) destination, e.g. the inside of a zero frame."""
+        n, c, h, w = x.shape
+        k = kernels[:, :, radius - r:radius + r + 1]
+        k = (k / k.sum(dim=-1, keepdim=True)).to(x.dtype).reshape(n * c, 2 * r + 1)  # (n*5, 2r+1)
+        if out is None:
+            out = x.new_empty(n, c, h, w)
+        flat = out.view(n * c, h, w)               # (n, 5) merge in fresh tensors and frame insides
+        if x.device.type == "cpu":
+            _blur_taps(x.reshape(n * c, h, w), k, out=flat)
+        else:
+            flat.copy_(_blur_conv(x.reshape(n * c, h, w), k))
+        return out
+
+    def apply(self, batch: Tensor, params: PSFParams) -> Tensor:
+        _check_batch("PSFBlur", batch)
+        _check_params_batch("PSFBlur", batch, params.sigma_r.shape[0])
+        x = batch.to(_compute_dtype(batch.dtype))
+        kernels, radius, blocks = self._plan(params, x.device, x.shape[0])
+        if radius == 0:                                       # no kernel moves `tail` of the flux
+            return batch.clone()
+        out = torch.empty_like(x)                                                   # (B, 5, H, W)
+        for blk, r in blocks:
+            self._blur_block(x[blk], kernels[blk], radius, r, out=out[blk])
+        return out.to(batch.dtype)
+
+
+# ----------------------------------------------------------------------------- geometry
+@dataclass
+class RotationParams:
+    """angle: rotation angle per image, radians, counter-clockwise as displayed, shape (B,)."""
+
+    angle: Tensor
+
+
+@dataclass
+class JitterParams:
+    """shifts: integer offsets of the crop centre per image, (row, col) = (dy, dx), shape (B, 2)."""
+
+    shifts: Tensor
+
+
+def _integer_crop(batch: Tensor, top: Tensor, left: Tensor, crop_size: int) -> Tensor:
+    """Crop ``crop_size**2`` at per-image integer corners ``top``, ``left`` (B,): one gather."""
+    b, c, h, w = batch.shape
+    ar = torch.arange(crop_size, device=batch.device)
+    rows = top.to(batch.device, torch.long)[:, None] + ar[None, :]               # (B, S)
+    cols = left.to(batch.device, torch.long)[:, None] + ar[None, :]              # (B, S)
+    index = (rows[:, :, None] * w + cols[:, None, :]).reshape(b, 1, crop_size**2)  # (B, 1, S*S)
+    flat = batch.reshape(b, c, h * w).gather(2, index.expand(b, c, -1))            # (B, 5, S*S)
+    return flat.reshape(b, c, crop_size, crop_size)                               # (B, 5, S, S)
+
+
+def _dyadic_frame(size: int) -> int:
+    """Smallest ``2**k + 1 >= size``: with ``align_corners=True``, grid_sample maps a normalised
+    coordinate n to pixel ``(n + 1) * 2**(k-1)``, exact in floating point, so whole-pixel
+    positions are sampled exactly (for 107 pixels, ``(n + 1) * 53`` rounds: up to 1e-5 px off)."""
+    return (1 << max(1, (size - 1 - 1).bit_length())) + 1
+
+
+def _blocks(n: int, device: torch.device, size: int) -> list[slice]:
+    """Image blocks: cache-sized on the CPU, the whole batch on other devices."""
+    if device.type != "cpu":
+        return [slice(0, n)]
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+class _Frame:
+    """A reusable zero frame ``(n, 5, P, P)``, ``P = 2**k + 1``, around ``H x W`` images, and the
+    fused rotate-and-crop resampling of whatever is placed inside it."""
+
+    def __init__(self, n: int, h: int, w: int, device: torch.device, dtype: torch.dtype):
+        self.h, self.w = h, w
+        self.side = _dyadic_frame(max(h, w))
+        self.pad_y, self.pad_x = (self.side - h) // 2, (self.side - w) // 2
+        # Scratch kept per thread for the next call of the same geometry: only the inside is ever
+        # written, so the margins stay zero, and no fresh memory is page-faulted per call.
+        key = (h, w, str(device), dtype)
+        cached = getattr(_SCRATCH, "frame", None)
+        if cached is None or cached[0] != key or cached[1].shape[0] < n:
+            cached = (key, torch.zeros(n, N_BANDS, self.side, self.side, device=device, dtype=dtype))
+            _SCRATCH.frame = cached
+        self.buffer = cached[1]
+
+    def inside(self, n: int) -> Tensor:
+        """The (n, 5, H, W) window where the first n images go (margins stay zero)."""
+        return self.buffer[:n, :, self.pad_y:self.pad_y + self.h, self.pad_x:self.pad_x + self.w]
+
+    def coefficients(self, angle: Tensor, dy: Tensor, dx: Tensor, out_h: int, out_w: int,
+                     top0: int, left0: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The sampling grid of every image, as the four float64 terms it is the sum of:
+        ``grid_x = gx_u (B, 1, Wo) + gx_v (B, Ho, 1)``, ``grid_y = gy_u + gy_v``."""
+        h, w = self.h, self.w
+        gdt = torch.float32 if angle.device.type == "mps" else torch.float64
+        cy, cx = (h - 1) / 2, (w - 1) / 2
+        cos, sin = torch.cos(angle.to(gdt)), torch.sin(angle.to(gdt))             # (B,)
+        # Multiples of pi/2 (to float32 rounding of the angle, |error| < 1e-6 rad, under 1e-4 px
+        # at the corners) are made exact, so that they reproduce torch.rot90 bit for bit.
+        on_y, on_x = sin.abs() < 1e-6, cos.abs() < 1e-6
+        cos, sin = (torch.where(on_x, 0.0, torch.where(on_y, torch.sign(cos), cos)),
+                    torch.where(on_y, 0.0, torch.where(on_x, torch.sign(sin), sin)))
+        # Output pixel (i, j) is the point (Y, X) = (top + i, left + j) of the rotated image, which
+        # shows the input at (y, x), with u = X - cx, v = Y - cy:
+        #   x = cx + cos u - sin v,   y = cy + sin u + cos v     (counter-clockwise as displayed)
+        # then x -> framed pixel x + pad_x -> normalised (align_corners=True) n = x' / half - 1,
+        # computed in float64 so that whole-pixel positions round to exact float32 grid values.
+        half = (self.side - 1) / 2
+        ar = torch.arange(max(out_h, out_w), device=angle.device, dtype=gdt)
+        u = (left0 + dx.to(gdt))[:, None] + ar[None, :out_w] - cx                 # (B, Wo)
+        v = (top0 + dy.to(gdt))[:, None] + ar[None, :out_h] - cy                  # (B, Ho)
+        gx_u = (cos[:, None] * u / half)[:, None, :]                               # (B, 1, Wo)
+        gx_v = ((cx + self.pad_x - sin[:, None] * v) / half - 1.0)[:, :, None]    # (B, Ho, 1)
+        gy_u = (sin[:, None] * u / half)[:, None, :]                               # (B, 1, Wo)
+        gy_v = ((cy + self.pad_y + cos[:, None] * v) / half - 1.0)[:, :, None]    # (B, Ho, 1)
+        return gx_u, gx_v, gy_u, gy_v
+
+    def resample(self, coefficients: tuple[Tensor, Tensor, Tensor, Tensor], blk: slice) -> Tensor:
+        """Rotate and crop the framed images of block ``blk`` (placed in the first n slots):
+        one ``grid_sample`` call, (n, 5, Ho, Wo)."""
+        gx_u, gx_v, gy_u, gy_v = (t[blk] for t in coefficients)
+        n, out_h, out_w = gx_v.shape[0], gx_v.shape[1], gx_u.shape[2]
+        grid = torch.empty(n, out_h, out_w, 2, device=self.buffer.device, dtype=self.buffer.dtype)
+        torch.add(gx_u, gx_v, out=grid[..., 0])                                    # (n, Ho, Wo)
+        torch.add(gy_u, gy_v, out=grid[..., 1])
+        return F.grid_sample(self.buffer[:n], grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=True)                                   # (n, 5, Ho, Wo)
+
+
+def _crop_geometry(h: int, w: int, crop_size: int | None) -> tuple[int, int, int, int]:
+    """(out_h, out_w, top0, left0): the output size and the un-jittered crop corner."""
+    if crop_size is None:
+        return h, w, 0, 0
+    return crop_size, crop_size, _crop_origin(h, crop_size), _crop_origin(w, crop_size)
+
+
+def _split_shifts(shifts: Tensor | None, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    if shifts is None:
+        zero = torch.zeros(n, dtype=torch.long, device=device)
+        return zero, zero
+    return shifts[:, 0].to(device), shifts[:, 1].to(device)
+
+
+def rotate_crop(batch: Tensor, angle: Tensor | None, shifts: Tensor | None,
+                crop_size: int | None = CROP_SIZE) -> Tensor:
+    """Rotate about the image centre, then crop around ``H // 2 + shift``: one bilinear resampling.
+
+    batch: (B, 5, H, W). angle: (B,) radians (counter-clockwise as displayed) or None (no
+    rotation: an exact integer crop by indexing). shifts: (B, 2) integer (dy, dx) or None (centre
+    crop). crop_size: side of the output, or None for the full ``H x W`` frame (rotation only).
+    Returns (B, 5, S, S) (or (B, 5, H, W)). Samples outside the image are zero (bilinear weights
+    on the missing neighbours are zero). The image is placed in a zero frame of side
+    ``2**k + 1`` so that grid coordinates are exact (``_dyadic_frame``): a zero angle reproduces
+    the integer crop bit for bit, and a multiple of 90 degrees reproduces ``torch.rot90``.
+    """
+    b, c, h, w = batch.shape
+    out_h, out_w, top0, left0 = _crop_geometry(h, w, crop_size)
+    dy, dx = _split_shifts(shifts, b, batch.device)
+    if angle is None:
+        if crop_size is None:
+            return batch.clone()
+        return _integer_crop(batch, top0 + dy, left0 + dx, out_h)               # (B, 5, S, S)
+    x = batch.to(_compute_dtype(batch.dtype))
+    if b == 0:
+        return batch.new_empty(0, c, out_h, out_w)
+    angle = angle.to(batch.device)
+    blocks = _blocks(b, x.device, _CPU_GEOMETRY_CHUNK)
+    frame = _Frame(blocks[0].stop - blocks[0].start, h, w, x.device, x.dtype)
+    out = x.new_empty(b, c, out_h, out_w)                                        # (B, 5, Ho, Wo)
+    coefficients = frame.coefficients(angle, dy, dx, out_h, out_w, top0, left0)
+    for blk in blocks:
+        frame.inside(blk.stop - blk.start).copy_(x[blk])
+        out[blk] = frame.resample(coefficients, blk)
+    return out.to(batch.dtype)
+
+
+class RandomRotate(Augmentation):
+    """Random rotation (Section 2, "Rotation"): angle ~ U(0, 2 pi) per image.
+
+    Bilinear interpolation about the image centre ``((H-1)/2, (W-1)/2)``, zeros outside the image,
+    no flips; the output keeps the input size. In :class:`AugmentationPipeline` the rotation is
+    fused with the crop.
+
+    max_angle: upper end of the uniform angle distribution, radians (Section 2: 2 pi).
+    """
+
+    def __init__(self, *, max_angle: float = 2 * math.pi):
+        self.max_angle = float(max_angle)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> RotationParams:
+        _check_generator("RandomRotate", generator)
+        angle = torch.rand(batch_size, generator=generator, dtype=torch.float64) * self.max_angle
+        return RotationParams(angle=_to_device(angle.float(), device))              # (B,)
+
+    def apply(self, batch: Tensor, params: RotationParams) -> Tensor:
+        _check_batch("RandomRotate", batch)
+        _check_params_batch("RandomRotate", batch, params.angle.shape[0])
+        return rotate_crop(batch, params.angle, None, crop_size=None)              # (B, 5, H, W)
+
+
+def _check_crop_fits(owner: str, batch: Tensor, crop_size: int, max_jitter: int) -> None:
+    need = crop_size + 2 * max_jitter
+    h, w = batch.shape[-2:]
+    if h < need or w < need:
+        raise ValueError(f"{owner}: a {crop_size}x{crop_size} crop with jitter up to {max_jitter} px "
+                         f"needs images of at least {need}x{need} pixels, got {h}x{w} "
+                         f"(batch shape {tuple(batch.shape)})")
+
+
+def _check_shifts(owner: str, shifts: Tensor, max_jitter: int) -> None:
+    """Shifts beyond the jitter range would read outside the image (checked when on the CPU)."""
+    if shifts.device.type == "cpu" and shifts.numel() and int(shifts.abs().max()) > max_jitter:
+        raise ValueError(f"{owner}: shifts must lie in [-{max_jitter}, {max_jitter}], "
+                         f"got up to {int(shifts.abs().max())}")
+
+
+class JitterCrop(Augmentation):
+    """Random jitter and crop (Section 2, "Random jitter & crop").
+
+    Two integers ~ U{-max_jitter, ..., max_jitter} (inclusive) move the crop centre
+    ``H // 2`` along each axis, then a ``crop_size x crop_size`` crop is taken (authors' loader:
+    centre ``107 // 2 + randint(-7, 7)``, rows ``c - 32 .. c + 31``). Exact integer indexing.
+
+    crop_size: side of the crop the network sees (Section 2 and Appendix A: 64).
+    max_jitter: largest shift of the centre per axis, pixels (Section 2: 7).
+    """
+
+    def __init__(self, *, crop_size: int = CROP_SIZE, max_jitter: int = MAX_JITTER):
+        if crop_size < 1 or max_jitter < 0:
+            raise ValueError(f"JitterCrop: need crop_size >= 1 and max_jitter >= 0, "
+                             f"got {crop_size} and {max_jitter}")
+        self.crop_size = int(crop_size)
+        self.max_jitter = int(max_jitter)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> JitterParams:
+        _check_generator("JitterCrop", generator)
+        shifts = torch.randint(-self.max_jitter, self.max_jitter + 1, (batch_size, 2),
+                               generator=generator, dtype=torch.long)               # (B, 2)
+        return JitterParams(shifts=_to_device(shifts, device))
+
+    def apply(self, batch: Tensor, params: JitterParams) -> Tensor:
+        _check_batch("JitterCrop", batch)
+        _check_params_batch("JitterCrop", batch, params.shifts.shape[0])
+        _check_crop_fits("JitterCrop", batch, self.crop_size, self.max_jitter)
+        _check_shifts("JitterCrop", params.shifts, self.max_jitter)
+        return rotate_crop(batch, None, params.shifts, self.crop_size)            # (B, 5, S, S)
+
+
+class CenterCrop:
+    """The evaluation crop: rows and columns ``H // 2 - 32 .. H // 2 + 31`` (21..84 for 107).
+
+    crop_size: side of the crop (Section 2 and Appendix A: 64).
+    """
+
+    def __init__(self, *, crop_size: int = CROP_SIZE):
+        if crop_size < 1:
+            raise ValueError(f"CenterCrop: crop_size must be >= 1, got {crop_size}")
+        self.crop_size = int(crop_size)
+
+    def __call__(self, batch: Tensor) -> Tensor:
+        _check_batch("CenterCrop", batch)
+        _check_crop_fits("CenterCrop", batch, self.crop_size, 0)
+        h, w = batch.shape[-2:]
+        top, left = _crop_origin(h, self.crop_size), _crop_origin(w, self.crop_size)
+        return batch[..., top:top + self.crop_size, left:left + self.crop_size].contiguous()
+
+    def __repr__(self) -> str:
+        return f"CenterCrop(crop_size={self.crop_size})"
+
+
+# ----------------------------------------------------------------------------- noise
+@dataclass
+class NoiseParams:
+    """level: the U(1, 3) scalar per image, shape (B,). seed: the seed from which ``apply`` draws
+    the noise field on the batch's device, so that ``apply`` is exactly repeatable."""
+
+    level: Tensor
+    seed: int
+
+
+def _cpu_pool() -> ThreadPoolExecutor | None:
+    """Threads for drawing CPU noise in parallel (one per torch thread), made per process (a
+    pool does not survive a fork into DataLoader workers); None with a single torch thread."""
+    global _POOL
+    n = torch.get_num_threads()
+    if n < 2:
+        return None
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] != n:
+        _POOL = (os.getpid(), n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="sdsscl-noise"))
+    return _POOL[2]
+
+
+def _noise_field(shape: tuple[int, ...], seed: int, device: torch.device) -> Tensor:
+    """A standard normal float32 field ``shape = (B, ...)`` determined by ``seed`` and the device.
+
+    On the CPU, each group of ``_NOISE_GROUP`` images has its own generator (seeded from ``seed``
+    and the group's first index), so groups are drawn in parallel threads and the field does not
+    depend on the number of threads. On other devices, one device generator draws the field.
+    """
+    if device.type != "cpu":
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    out = torch.empty(shape, dtype=torch.float32)
+
+    def fill(start: int) -> None:
+        gen = torch.Generator()
+        gen.manual_seed((seed + start * 0x9E3779B97F4A7C15) % 2**63)
+        out[start:start + _NOISE_GROUP].normal_(generator=gen)
+
+    starts = range(0, shape[0], _NOISE_GROUP)
+    pool = _cpu_pool() if len(starts) > 1 else None
+    if pool is None:
+        for start in starts:
+            fill(start)
+    else:
+        list(pool.map(fill, starts))
+    return out
+
+
+class GaussianNoise(Augmentation):
+    """Gaussian noise (Section 2, "Gaussian noise").
+
+    A scalar ``a ~ U(min_level, max_level)`` per image times the training set's per-band median
+    absolute deviation gives the per-band standard deviation ``gamma_c = a * MAD_c``; pixel noise
+    ``N(0, gamma_c)`` is added, independent per pixel and band.
+
+    mad: per-band MAD of the training images (length 5, >= 0, nanomaggies), computed by the
+        data layer (Section 2: "pre-computed over all training examples").
+    min_level, max_level: the uniform range of the scalar (Section 2: U(1, 3)).
+    """
+
+    def __init__(self, mad: Sequence[float] | Tensor, *, min_level: float = 1.0, max_level: float = 3.0):
+        mad_t = torch.as_tensor(mad, dtype=torch.float64).detach().cpu()
+        if mad_t.shape != (N_BANDS,):
+            raise ValueError(f"GaussianNoise: expected a per-band MAD of shape ({N_BANDS},) (ugriz), "
+                             f"got shape {tuple(mad_t.shape)}")
+        if not bool(torch.isfinite(mad_t).all()) or bool((mad_t < 0).any()):
+            raise ValueError(f"GaussianNoise: the MAD must be finite and >= 0, got {mad_t.tolist()}")
+        if not 0 <= min_level <= max_level:
+            raise ValueError(f"GaussianNoise: need 0 <= min_level <= max_level, got {min_level}, {max_level}")
+        self.mad = tuple(mad_t.tolist())
+        self.min_level = float(min_level)
+        self.max_level = float(max_level)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> NoiseParams:
+        _check_generator("GaussianNoise", generator)
+        level = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        level = self.min_level + (self.max_level - self.min_level) * level                 # (B,)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        return NoiseParams(level=_to_device(level.float(), device), seed=seed)
+
+    def scale(self, level: Tensor, like: Tensor) -> Tensor:
+        """Noise standard deviation gamma per image and band, shape (B, 5)."""
+        mad = _band_constant(self.mad, like)                                                # (5,)
+        return level.to(mad.dtype)[:, None] * mad[None, :]                                  # (B, 5)
+
+    def add(self, batch: Tensor, params: NoiseParams, band_factor: Tensor | None = None) -> Tensor:
+        """``batch * band_factor + noise`` in one pass; ``band_factor`` (B, 5) or None."""
+        x = batch.to(_compute_dtype(batch.dtype))
+        # The field is drawn in float32 whatever the batch's dtype, so a seed gives the same
+        # noise in every precision.
+        noise = _noise_field(tuple(x.shape), params.seed, x.device).to(x.dtype)  # (B, 5, H, W)
+        noise.mul_(self.scale(params.level, x)[:, :, None, None])
+        if band_factor is None:
+            noise.add_(x)
+        else:
+            noise.addcmul_(x, band_factor.to(x.dtype)[:, :, None, None])
+        return noise.to(batch.dtype)
+
+    def apply(self, batch: Tensor, params: NoiseParams) -> Tensor:
+        _check_batch("GaussianNoise", batch)
+        _check_params_batch("GaussianNoise", batch, params.level.shape[0])
+        return self.add(batch, params)
+
+
+# ----------------------------------------------------------------------------- composition
+@dataclass
+class AugmentationParams:
+    """The parameters of one pipeline view; None for the augmentations not in use."""
+
+    reddening: ReddeningParams | None = None
+    psf: PSFParams | None = None
+    rotate: RotationParams | None = None
+    jitter_crop: JitterParams | None = None
+    noise: NoiseParams | None = None
+
+
+class AugmentationPipeline:
+    """One view: the named augmentations, in the paper's order, always ending in a 64x64 crop.
+
+    Order: reddening -> psf -> rotate + jitter_crop (fused) -> noise (see the module docstring
+    for why). Without "jitter_crop" the centre crop is used, fused with the rotation if any.
+
+    names: any subset of ``AUGMENTATIONS`` = ("reddening", "psf", "rotate", "jitter_crop",
+        "noise"), in any order (default: the paper's best set, all but "psf", Appendix D).
+    mad: per-band MAD of the training set (length 5, nmgy); required when "noise" is used.
+    max_ebv: E(B-V) ~ U(0, max_ebv) (Section 2: 0.5).
+    psf_sigma_r_arcsec: r-band PSF sigma ~ |N(0, psf_sigma_r_arcsec)| (Section 2: 0.13").
+    psf_wavelength_power: PSF sigma ~ lambda**power (Section 2, Xin et al. 2018: -0.3).
+    crop_size: side of the output (Section 2: 64).
+    max_jitter: crop-centre shift ~ U{-max_jitter..max_jitter} per axis (Section 2: 7).
+    noise_scale_min, noise_scale_max: the noise scalar ~ U(min, max) that multiplies the MAD
+        (Section 2: 1, 3).
+    (The keyword names are those of ``sdsscl.config.AugmentConfig``.)
+    """
+
+    def __init__(self, names: Sequence[str] = BEST_AUGMENTATIONS, *,
+                 mad: Sequence[float] | Tensor | None = None,
+                 max_ebv: float = 0.5,
+                 psf_sigma_r_arcsec: float = 0.13,
+                 psf_wavelength_power: float = -0.3,
+                 crop_size: int = CROP_SIZE,
+                 max_jitter: int = MAX_JITTER,
+                 noise_scale_min: float = 1.0,
+                 noise_scale_max: float = 3.0):
+        if isinstance(names, str):
+            names = (names,)
+        unknown = [n for n in names if n not in AUGMENTATIONS]
+        if unknown:
+            raise ValueError(f"AugmentationPipeline: unknown augmentation name(s) {unknown}; "
+                             f"valid names are {list(AUGMENTATIONS)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"AugmentationPipeline: repeated augmentation names in {list(names)}")
+        if "noise" in names and mad is None:
+            raise ValueError("AugmentationPipeline: 'noise' needs the training set's per-band MAD "
+                             "(mad=..., length 5)")
+        self.names: tuple[str, ...] = tuple(n for n in AUGMENTATIONS if n in names)  # paper order
+        self.crop_size = int(crop_size)
+        self.reddening = GalacticReddening(max_ebv=max_ebv) if "reddening" in names else None
+        self.psf = (PSFBlur(sigma_r_arcsec=psf_sigma_r_arcsec, wavelength_exponent=psf_wavelength_power)
+                    if "psf" in names else None)
+        self.rotate = RandomRotate() if "rotate" in names else None
+        self.jitter_crop = (JitterCrop(crop_size=crop_size, max_jitter=max_jitter)
+                            if "jitter_crop" in names else None)
+        self.noise = (GaussianNoise(mad, min_level=noise_scale_min, max_level=noise_scale_max)
+                      if "noise" in names else None)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> AugmentationParams:
+        """Draw every active augmentation's parameters, in pipeline order, from ``generator``."""
+        params = AugmentationParams()
+        for name in self.names:
+            setattr(params, name, getattr(self, name).sample(batch_size, generator, device))
+        return params
+
+    def apply(self, batch: Tensor, params: AugmentationParams) -> Tensor:
+        """(B, 5, H, W) -> (B, 5, crop_size, crop_size).
+
+        Works block by block (a few images at a time on the CPU, the whole batch elsewhere):
+        blur into a zero frame, one resampling for rotation and crop, then
+        ``out = noise * gamma + crop * reddening`` in place in the noise field. The result equals
+        the steps applied one by one in the documented order, to float rounding.
+        """
+        _check_batch("AugmentationPipeline", batch)
+        b, c, h, w = batch.shape
+        _check_crop_fits("AugmentationPipeline", batch, self.crop_size,
+                         self.jitter_crop.max_jitter if self.jitter_crop else 0)
+        for name in self.names:
+            p = getattr(params, name)
+            if p is None:
+                raise ValueError(f"AugmentationPipeline: no parameters for {name!r}; draw them with sample()")
+            first = next(iter(vars(p).values()))
+            _check_params_batch("AugmentationPipeline", batch, first.shape[0])
+        x = batch.to(_compute_dtype(batch.dtype))
+        device, s = x.device, self.crop_size
+        if b == 0:
+            return batch.new_empty(0, c, s, s)
+        out_h, out_w, top0, left0 = _crop_geometry(h, w, s)
+        if self.jitter_crop is not None:
+            _check_shifts("AugmentationPipeline", params.jitter_crop.shifts, self.jitter_crop.max_jitter)
+        dy, dx = _split_shifts(params.jitter_crop.shifts if self.jitter_crop else None, b, device)
+        angle = params.rotate.angle.to(device) if self.rotate else None
+        factor = self.reddening.factors(params.reddening.ebv.to(device), x) if self.reddening else None  # (B, 5)
+        if self.noise is not None:                        # the same field GaussianNoise.apply draws
+            out = _noise_field((b, c, s, s), params.noise.seed, device).to(x.dtype)
+            gamma = self.noise.scale(params.noise.level.to(device), x)               # (B, 5)
+        else:
+            out, gamma = x.new_empty(b, c, s, s), None                              # (B, 5, S, S)
+        kernels, radius = None, 0
+        if self.psf is not None:
+            kernels, radius, blocks = self.psf._plan(params.psf, device, b)
+        if radius == 0:                                   # no PSF, or none that moves any flux
+            blocks = [(blk, 0) for blk in _blocks(b, device, _CPU_GEOMETRY_CHUNK)]
+        frame = coefficients = None
+        if angle is not None:
+            frame = _Frame(max(blk.stop - blk.start for blk, _ in blocks), h, w, device, x.dtype)
+            coefficients = frame.coefficients(angle, dy, dx, out_h, out_w, top0, left0)
+        for blk, r in blocks:
+            src, n = x[blk], blk.stop - blk.start                                    # (n, 5, H, W)
+            if frame is not None:                         # sky image into the frame, blurred or not
+                if radius > 0:
+                    self.psf._blur_block(src, kernels[blk], radius, r, out=frame.inside(n))
+                else:
+                    frame.inside(n).copy_(src)
+                crop = frame.resample(coefficients, blk)                            # (n, 5, S, S)
+            else:
+                if radius > 0:
+                    src = self.psf._blur_block(src, kernels[blk], radius, r)
+                crop = _integer_crop(src, top0 + dy[blk], left0 + dx[blk], s)        # (n, 5, S, S)
+            # Reddening (a per-band factor: it commutes with the linear steps above), then noise:
+            # out = noise * gamma + crop * factor, in place in the noise field.
+            f = factor[blk][:, :, None, None] if factor is not None else None
+            if gamma is not None:
+                o = out[blk].mul_(gamma[blk][:, :, None, None])
+                if f is not None:
+                    o.addcmul_(crop, f)
+                else:
+                    o.add_(crop)
+            else:
+                out[blk] = crop * f if f is not None else crop
+        return out.to(batch.dtype)
+
+    def __call__(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        _check_batch("AugmentationPipeline", batch)
+        return self.apply(batch, self.sample(batch.shape[0], generator, device=batch.device))
+
+    def __repr__(self) -> str:
+        return f"AugmentationPipeline(names={list(self.names)}, crop_size={self.crop_size})"
+
+
+class TwoViews:
+    """The query and key views of MoCo: the same pipeline applied twice with independent draws.
+
+    pipeline: the single-view pipeline (e.g. ``AugmentationPipeline(BEST_AUGMENTATIONS, mad=...)``).
+    """
+
+    def __init__(self, pipeline: AugmentationPipeline):
+        self.pipeline = pipeline
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> tuple[AugmentationParams, AugmentationParams]:
+        """Parameters of the query view, then of the key view."""
+        return (self.pipeline.sample(batch_size, generator, device),
+                self.pipeline.sample(batch_size, generator, device))
+
+    def apply(self, batch: Tensor, params: tuple[AugmentationParams, AugmentationParams]
+              ) -> tuple[Tensor, Tensor]:
+        return self.pipeline.apply(batch, params[0]), self.pipeline.apply(batch, params[1])
+
+    def __call__(self, batch: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(B, 5, H, W) -> (query, key), each (B, 5, 64, 64)."""
+        _check_batch("TwoViews", batch)
+        return self.apply(batch, self.sample(batch.shape[0], generator, device=batch.device))
+
+    def __repr__(self) -> str:
+        return f"TwoViews({self.pipeline!r})"
