@@ -15,9 +15,10 @@ import time
 
 import torch
 
-from sdsscl.augment import AugmentationPipeline, TwoViews
+from sdsscl.augment import TwoViews
 from sdsscl.config import load_profile
 from sdsscl.moco import MoCo
+from sdsscl.train import augmentation_pipeline
 
 
 def main(argv=None):
@@ -31,7 +32,8 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=None)
     args = ap.parse_args(argv)
 
-    cfg = load_profile(args.profile).pretrain
+    profile = load_profile(args.profile)
+    cfg = profile.pretrain
     bs = args.batch_size or cfg.batch_size
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -43,7 +45,7 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.03,
                           momentum=0.9, weight_decay=1e-4)
-    views = TwoViews(AugmentationPipeline(cfg.augmentations, mad=torch.full((5,), 0.03)))
+    views = TwoViews(augmentation_pipeline(profile.augment, mad=torch.full((5,), 0.03)))
     gen = torch.Generator().manual_seed(0)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
@@ -88,7 +90,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name(dev) if cuda else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}")
     print(f"profile {args.profile}: {cfg.encoder.arch} width {cfg.encoder.width} stem stride "
-          f"{cfg.encoder.stem_stride}, batch {bs}, augmentations {list(cfg.augmentations)}, "
+          f"{cfg.encoder.stem_stride}, batch {bs}, augmentations {list(profile.augment.enabled)}, "
           f"{'bf16 autocast' if cuda else 'float32'}, data {'HDF5 ' + args.data if args.data else 'in memory'}")
     print(f"{args.steps} steps in {dt:.2f} s: {args.steps * bs / dt:,.0f} images/s")
 

@@ -12,7 +12,7 @@ from scipy import stats
 from sdsscl.constants import (AUTHOR_KEYS, GZ2_R_LIMIT, MAIN_SAMPLE_R_LIMIT, NO_SPECOBJID, R_DR12,
                               R_SF11, nmgy_to_mag)
 from sdsscl.gz2 import BAR, EDGE_ON, SMOOTH
-from sdsscl.mock import MockConfig, draw_population, generate_mock, load_reference_catalog
+from sdsscl.mock import MockPhysics, draw_population, generate_mock, load_reference_catalog
 from sdsscl.mock import survey as survey_mod
 from sdsscl.mock.population import petrosian
 from sdsscl.mock.render import render_galaxy
@@ -25,7 +25,7 @@ SEED = 11
 @pytest.fixture(scope="module")
 def population():
     """A large population (no images: cheap) for distribution tests."""
-    return draw_population(20000, np.random.default_rng(3), MockConfig())
+    return draw_population(20000, np.random.default_rng(3), MockPhysics())
 
 
 @pytest.fixture(scope="module")
@@ -128,19 +128,19 @@ def test_labels_biased_like_the_paper(population):
 
 
 def test_config_rejects_unknown_and_impossible_values():
-    with pytest.raises(ValueError, match="unknown MockConfig keys"):
-        MockConfig.from_dict({"z_scater": 0.1})
+    with pytest.raises(ValueError, match="unknown MockPhysics keys"):
+        MockPhysics.from_dict({"z_scater": 0.1})
     with pytest.raises(ValueError, match="sky_sigma"):
-        MockConfig(sky_sigma=(0.1, 0.1))
+        MockPhysics(sky_sigma=(0.1, 0.1))
     with pytest.raises(ValueError, match="z_scatter"):
-        MockConfig(z_scatter=-1.0)
+        MockPhysics(z_scatter=-1.0)
     with pytest.raises(ValueError, match="contaminant_rates"):
-        MockConfig(contaminant_rates=(0.5, 0.5, 0.1, 0.1))
+        MockPhysics(contaminant_rates=(0.5, 0.5, 0.1, 0.1))
 
 
 # ---------------------------------------------------------------- images
 def test_reddening_recorded_equals_dimming_applied():
-    cfg = MockConfig()
+    cfg = MockPhysics()
     pop = draw_population(8, np.random.default_rng(5), cfg)
     row = pop.row(0)
     clear = dict(row, dimming_mag=np.zeros(5), contaminant=0)

@@ -29,8 +29,10 @@ CONTAMINANTS = ("none", "neighbor", "star", "satellite", "bad_column")
 
 
 @dataclass(frozen=True)
-class MockConfig:
-    """Knobs of the mock survey. Defaults are SDSS-like; each cites where it comes from.
+class MockPhysics:
+    """How the mock universe and its observation are made (the profile's ``mock`` section sets
+    only the size, seed and workers: :class:`sdsscl.config.MockConfig`). Defaults are SDSS-like;
+    each cites where it comes from.
 
     Population
         z_scatter: relative redshift perturbation, z' = z (1 + N(0, z_scatter)).
@@ -85,21 +87,21 @@ class MockConfig:
             v = getattr(self, f.name)
             vals = v if isinstance(v, tuple) else (v,)
             if any((not np.isfinite(x)) or x < 0 for x in vals):
-                raise ValueError(f"MockConfig.{f.name} must be finite and >= 0, got {v!r}")
+                raise ValueError(f"MockPhysics.{f.name} must be finite and >= 0, got {v!r}")
         if len(self.sky_sigma) != 5 or len(self.electrons_per_nmgy) != 5:
-            raise ValueError("MockConfig.sky_sigma and electrons_per_nmgy need 5 values (ugriz)")
+            raise ValueError("MockPhysics.sky_sigma and electrons_per_nmgy need 5 values (ugriz)")
         if len(self.contaminant_rates) != len(CONTAMINANTS) - 1 or sum(self.contaminant_rates) >= 1:
-            raise ValueError(f"MockConfig.contaminant_rates needs {len(CONTAMINANTS) - 1} rates "
+            raise ValueError(f"MockPhysics.contaminant_rates needs {len(CONTAMINANTS) - 1} rates "
                              f"summing below 1, got {self.contaminant_rates}")
         if not 0 < self.spec_footprint_fraction <= 1 or not 0 < self.spec_completeness <= 1:
             raise ValueError("spec_footprint_fraction and spec_completeness must lie in (0, 1]")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MockConfig":
+    def from_dict(cls, d: dict) -> "MockPhysics":
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown MockConfig keys {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(f"unknown MockPhysics keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
@@ -174,7 +176,7 @@ def _logistic(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _candidates(n: int, rng: np.random.Generator, cfg: MockConfig) -> dict[str, np.ndarray]:
+def _candidates(n: int, rng: np.random.Generator, cfg: MockPhysics) -> dict[str, np.ndarray]:
     """Draw n candidate galaxies before the main-sample cut."""
     cat, fits_ = reference.fit_reference_seds()
     src = rng.integers(0, len(fits_.z), size=n)
@@ -190,7 +192,7 @@ def _candidates(n: int, rng: np.random.Generator, cfg: MockConfig) -> dict[str, 
     return {"source_index": src, "z": z, "coeffs": coeffs, "flux": flux, "abs_mag_r": abs_mag}
 
 
-def _morphology(c: dict, rng: np.random.Generator, cfg: MockConfig) -> None:
+def _morphology(c: dict, rng: np.random.Generator, cfg: MockPhysics) -> None:
     """Structure of each galaxy: smooth spheroids and bulge + disk systems (in place)."""
     n = len(c["z"])
     flux = c["flux"]
@@ -256,7 +258,7 @@ def _morphology(c: dict, rng: np.random.Generator, cfg: MockConfig) -> None:
     c["petro_r90"] = r90
 
 
-def _sky(n: int, rng: np.random.Generator, cfg: MockConfig) -> dict[str, np.ndarray]:
+def _sky(n: int, rng: np.random.Generator, cfg: MockPhysics) -> dict[str, np.ndarray]:
     """Positions and Galactic extinction; which galaxies lie in the spectroscopic footprint."""
     from astropy import units as u
     from astropy.coordinates import SkyCoord
@@ -297,7 +299,7 @@ def _sky(n: int, rng: np.random.Generator, cfg: MockConfig) -> dict[str, np.ndar
     return {"ra": ra, "dec": dec, "ebv": ebv, "in_spec_footprint": in_fp}
 
 
-def draw_population(n: int, rng: np.random.Generator, cfg: MockConfig) -> Population:
+def draw_population(n: int, rng: np.random.Generator, cfg: MockPhysics) -> Population:
     """Draw n mock galaxies that pass the main-sample cut, with all their parameters."""
     kept: list[dict] = []
     have = 0

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..constants import CUTOUT_SIZE, PIXEL_SCALE, R_BAND
-from .population import CONTAMINANTS, MockConfig, sersic_b
+from .population import CONTAMINANTS, MockPhysics, sersic_b
 
 GRID = 128
 MARGIN = (GRID - CUTOUT_SIZE) // 2  # cutout pixel i is grid pixel i + MARGIN
@@ -138,7 +138,7 @@ def _star_colours(rng, r_flux):
     return r_flux * 10 ** (-0.4 * mags)
 
 
-def render_galaxy(p: dict, rng: np.random.Generator, cfg: MockConfig) -> dict:
+def render_galaxy(p: dict, rng: np.random.Generator, cfg: MockPhysics) -> dict:
     """Render one galaxy from its population row ``p``.
 
     Returns ``image`` (5, 107, 107) float32 nanomaggies with noise, ``model`` the noiseless

@@ -29,7 +29,7 @@ import numpy as np
 from ..constants import (CUTOUT_SIZE, NO_SPECOBJID, N_BANDS, PIXEL_SCALE, R_BAND,
                          nmgy_to_mag)
 from ..gz2 import TREE
-from .population import CONTAMINANTS, MockConfig, Population, draw_population
+from .population import CONTAMINANTS, MockPhysics, Population, draw_population
 from .render import render_galaxy
 from .volunteers import simulate_votes
 
@@ -42,7 +42,7 @@ OBJID_BASE = 1_237_700_000_000_000_000
 SPECOBJID_BASE = 300_000_000_000_000_000
 
 
-def _config_json(n: int, seed: int, cfg: MockConfig) -> str:
+def _config_json(n: int, seed: int, cfg: MockPhysics) -> str:
     return json.dumps({"n": n, "seed": seed, "generator_version": GENERATOR_VERSION,
                        "mock": asdict(cfg)}, sort_keys=True)
 
@@ -138,7 +138,7 @@ def _write_population(f: h5py.File, pop: Population, n: int) -> None:
         qg.create_dataset("fraction", shape=(n, len(q.answers)), dtype=np.float32)
 
 
-def _create_partial(partial: Path, pop: Population, n: int, seed: int, cfg: MockConfig,
+def _create_partial(partial: Path, pop: Population, n: int, seed: int, cfg: MockPhysics,
                     chunk: int) -> None:
     with h5py.File(partial, "w", libver="v110") as f:
         f.attrs["format"] = FORMAT
@@ -184,7 +184,7 @@ def _write_chunk(f: h5py.File, start: int, res: dict) -> None:
             f[f"gz2/{q.name}/fraction"][sl] = np.where(tot > 0, v / np.maximum(tot, 1), np.nan)
 
 
-def _matches(path: Path, n: int, seed: int, cfg: MockConfig) -> bool:
+def _matches(path: Path, n: int, seed: int, cfg: MockPhysics) -> bool:
     try:
         with h5py.File(path, "r") as f:
             return f.attrs.get("config") == _config_json(n, seed, cfg)
@@ -193,7 +193,7 @@ def _matches(path: Path, n: int, seed: int, cfg: MockConfig) -> bool:
 
 
 def generate_mock(path, n: int, seed: int, workers: int = 1, progress: bool = True,
-                  config: MockConfig | None = None, chunk: int = 64,
+                  config: MockPhysics | None = None, chunk: int = 64,
                   overwrite: bool = False) -> Path:
     """Write a mock survey of ``n`` galaxies to ``path`` (HDF5, the authors' layout).
 
@@ -202,7 +202,7 @@ def generate_mock(path, n: int, seed: int, workers: int = 1, progress: bool = Tr
     ``<path>.partial``, which the next call with the same settings resumes.
     Returns the path of the finished file.
     """
-    cfg = config or MockConfig()
+    cfg = config or MockPhysics()
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if workers < 1:

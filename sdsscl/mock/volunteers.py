@@ -14,7 +14,7 @@ import numpy as np
 
 from ..constants import R_BAND
 from ..gz2 import BAR, EDGE_ON, SMOOTH
-from .population import CONTAMINANTS, MockConfig
+from .population import CONTAMINANTS, MockPhysics
 
 
 def _logistic(x):
@@ -69,7 +69,7 @@ def _beta_binomial(rng, n, mean, kappa):
     return int(rng.binomial(n, rng.beta(kappa * mean, kappa * (1 - mean))))
 
 
-def simulate_votes(p: dict, snr_r: float, rng: np.random.Generator, cfg: MockConfig) -> dict:
+def simulate_votes(p: dict, snr_r: float, rng: np.random.Generator, cfg: MockPhysics) -> dict:
     """Vote counts for the three questions; consistent with the tree by construction.
 
     Returns ``{"smooth": (3,), "edge_on": (2,), "bar": (2,)}`` int arrays and the mean
