@@ -6,7 +6,7 @@
 Frozen representations (centre crop, de-reddened as for the downstream tasks) of the
 labelled galaxies of the profile's mock, from the run's MoCo checkpoint and from a randomly
 initialised encoder of the same architecture; then, on a fixed split of those galaxies, a
-k-nearest-neighbour (cosine) probe of (a) the true morphology (smooth or disk), (b) the GZ2
+k-nearest-neighbour (cosine) probe and a linear (ridge) probe of (a) the true morphology (smooth or disk), (b) the GZ2
 majority vote on the first question, and (c) the spectroscopic redshift. This is a
 diagnostic for choosing the CPU profile's network and schedule, not the paper's downstream
 evaluation (linear probes, fine-tuning and supervised baselines come with their own chapters).
@@ -47,6 +47,15 @@ def knn_predict(train_x, train_y, test_x, k, classify):
     return np.median(votes, axis=1)
 
 
+def ridge_predict(train_x, train_y, test_x, alpha=1e-3):
+    """Linear probe: ridge regression on standardised features (closed form)."""
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-8
+    a, b = (train_x - mu) / sd, (test_x - mu) / sd
+    a1 = np.hstack([a, np.ones((len(a), 1))])
+    w = np.linalg.solve(a1.T @ a1 + alpha * len(a) * np.eye(a1.shape[1]), a1.T @ train_y)
+    return np.hstack([b, np.ones((len(b), 1))]) @ w
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="default")
@@ -75,9 +84,16 @@ def main(argv=None):
     untrained = build_encoder(cfg.pretrain.encoder)
     print(f"profile {cfg.name}: {len(ds)} labelled galaxies ({test.sum()} test), kNN k={args.k}, "
           f"checkpoint {ckpt}")
-    print(f"{'encoder':<12} {'morphology acc':>15} {'GZ2 Q1 acc':>11} {'z sigma_MAD':>12} {'z eta':>7}")
+    print(f"{'encoder':<12} {'probe':<7} {'morphology acc':>15} {'GZ2 Q1 acc':>11} {'z sigma_MAD':>12} {'z eta':>7}")
     for name, enc in (("untrained", untrained), ("MoCo", trained)):
         f = features(enc, ds)
+        g = np.isfinite(p_smooth)
+        gtr, gte = g & ~test, g & test
+        acc = np.mean((ridge_predict(f[~test], morph[~test].astype(float), f[test]) >= 0.5) == morph[test])
+        gacc = np.mean((ridge_predict(f[gtr], p_smooth[gtr], f[gte]) >= 0.5) == (p_smooth[gte] >= 0.5))
+        dz = (ridge_predict(f[~test], z[~test], f[test]) - z[test]) / (1 + z[test])
+        smad = 1.4826 * np.median(np.abs(dz - np.median(dz)))
+        print(f"{name:<12} {'linear':<7} {acc:>15.3f} {gacc:>11.3f} {smad:>12.4f} {np.mean(np.abs(dz) > 0.05):>7.3f}")
         acc = np.mean(knn_predict(f[~test], morph[~test], f[test], args.k, True) == morph[test])
         g = np.isfinite(p_smooth)
         gtr, gte = g & ~test, g & test
@@ -86,7 +102,7 @@ def main(argv=None):
         zp = knn_predict(f[~test], z[~test], f[test], args.k, False)
         dz = (zp - z[test]) / (1 + z[test])
         smad = 1.4826 * np.median(np.abs(dz - np.median(dz)))
-        print(f"{name:<12} {acc:>15.3f} {gacc:>11.3f} {smad:>12.4f} {np.mean(np.abs(dz) > 0.05):>7.3f}")
+        print(f"{name:<12} {'kNN':<7} {acc:>15.3f} {gacc:>11.3f} {smad:>12.4f} {np.mean(np.abs(dz) > 0.05):>7.3f}")
 
 
 if __name__ == "__main__":
