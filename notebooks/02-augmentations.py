@@ -48,7 +48,7 @@ import torch
 
 from sdsscl.augment import TwoViews
 from sdsscl.config import load_profile
-from sdsscl.constants import BANDS, CUTOUT_SIZE, PIXEL_SCALE, R_SF11
+from sdsscl.constants import BANDS, R_SF11
 from sdsscl.data import SurveyDataset
 from sdsscl.plotting import show_galaxies
 from sdsscl.provenance import Provenance, Table, data_files, run_paths, save_figure, training_mad

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -11,7 +10,7 @@ from scipy import stats
 
 from sdsscl.constants import (AUTHOR_KEYS, GZ2_R_LIMIT, MAIN_SAMPLE_R_LIMIT, NO_SPECOBJID, R_DR12,
                               R_SF11, nmgy_to_mag)
-from sdsscl.gz2 import BAR, EDGE_ON, SMOOTH
+from sdsscl.gz2 import EDGE_ON, SMOOTH
 from sdsscl.mock import MockPhysics, draw_population, generate_mock, load_reference_catalog
 from sdsscl.mock import survey as survey_mod
 from sdsscl.mock.population import petrosian

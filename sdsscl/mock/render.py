@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..constants import CUTOUT_SIZE, PIXEL_SCALE, R_BAND
+from ..constants import CUTOUT_SIZE, PIXEL_SCALE
 from .population import CONTAMINANTS, MockPhysics, sersic_b
 
 GRID = 128
