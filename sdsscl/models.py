@@ -14,7 +14,6 @@ With the defaults the module is exactly torchvision's ResNet with the paper's st
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .config import EncoderConfig
@@ -75,14 +74,3 @@ def build_encoder(cfg: EncoderConfig, head: bool = False) -> nn.Module:
     if head:
         net.fc = projection_head(representation_dim(cfg), cfg.projection_dim)
     return net
-
-
-@torch.no_grad()
-def encode(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Representations (B, D) of a batch (B, C, H, W) in eval mode, on the images' device."""
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        return encoder(images)
-    finally:
-        encoder.train(was_training)

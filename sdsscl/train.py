@@ -79,6 +79,17 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
+def main_first(env: DistEnv, fn):
+    """Run ``fn`` on rank 0, then (after a barrier) on the other ranks: for work that rank 0
+    does once and caches on disk (the mock, the band MAD) and the others then only read."""
+    if env.is_main:
+        out = fn()
+    barrier(env)
+    if not env.is_main:
+        out = fn()
+    return out
+
+
 class ResumableSampler(Sampler[int]):
     """A DistributedSampler that can start an epoch part-way through (exact resume)."""
 
@@ -254,12 +265,8 @@ def pretrain(cfg: PretrainConfig, augment: AugmentConfig, data, out_dir, mad=Non
     barrier(env)
 
     if mad is None:  # computed once (rank 0) and cached for the other ranks and for resumes
-        mad_cache = out_dir / "band_mad.json"
-        if env.is_main:
-            mad = band_mad(dataset, max_galaxies=10000, seed=cfg.seed, cache=mad_cache)
-        barrier(env)
-        if not env.is_main:
-            mad = band_mad(dataset, max_galaxies=10000, seed=cfg.seed, cache=mad_cache)
+        mad = main_first(env, lambda: band_mad(dataset, max_galaxies=10000, seed=cfg.seed,
+                                               cache=out_dir / "band_mad.json"))
 
     torch.manual_seed(cfg.seed)
     model = MoCo(cfg.encoder, queue_size=cfg.queue_size, key_momentum=cfg.key_momentum,
@@ -385,16 +392,11 @@ def run_pretraining(profile, runs_dir=None, resume: bool | str = False, device: 
 
     paths = run_paths(profile, runs_dir)
     env = init_distributed(device)
-    if env.is_main:
-        if profile.mock is not None:
-            ensure_mock(profile, paths, progress=progress)
-        files = data_files(profile, paths)
-        survey = sorted(set(files["unlabelled"]) | set(files["labelled"]))
-        mad = training_mad(profile, paths, SurveyDataset(survey))
+    if profile.mock is not None and env.is_main:
+        ensure_mock(profile, paths, progress=progress)
     barrier(env)
     files = data_files(profile, paths)
     survey = sorted(set(files["unlabelled"]) | set(files["labelled"]))
-    if not env.is_main:
-        mad = training_mad(profile, paths, SurveyDataset(survey))
+    mad = main_first(env, lambda: training_mad(profile, paths, SurveyDataset(survey)))
     return pretrain(profile.pretrain, profile.augment, survey, paths.checkpoints / "moco", mad=mad,
                     resume=resume, device=device, max_steps=max_steps, progress=progress)

@@ -168,9 +168,6 @@ class Population:
     def row(self, i: int) -> dict:
         return {k: v[i] for k, v in self.columns.items()}
 
-    def take(self, idx) -> "Population":
-        return Population({k: v[idx] for k, v in self.columns.items()})
-
 
 def _logistic(x):
     return 1.0 / (1.0 + np.exp(-x))

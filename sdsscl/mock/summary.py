@@ -122,9 +122,9 @@ def summarize_mock(path) -> dict:
     flux_dered = c["model_flux"] * dim
     petro_r_dered = c["petro_mag"][:, 2] - 2.5 * np.log10(dim[:, 2])
     mock = _photometry_stats(c["z"], petro_r_dered, flux_dered, c["model_snr"])
+    sdss = reference_stats()
     cat = load_reference_catalog()
     ref_dered = cat["model_flux"] * 10 ** (0.4 * cat["extinction"])
-    sdss = _photometry_stats(cat["z"], cat["petro_mag_dered"][:, 2], ref_dered, cat["model_snr"])
 
     def colour(fl, a, b):
         m = nmgy_to_mag(fl)

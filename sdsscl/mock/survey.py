@@ -221,20 +221,16 @@ def generate_mock(path, n: int, seed: int, workers: int = 1, progress: bool = Tr
     if partial.exists() and not _matches(partial, n, seed, cfg):
         log.warning("removing %s: it was started with other settings", partial)
         partial.unlink()
-    if not partial.exists():
-        pop = draw_population(n, np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,))),
-                              cfg)
-        _create_partial(partial, pop, n, seed, cfg, chunk)
-    else:
+    # the population is cheap and deterministic: drawn again when resuming
+    pop = draw_population(n, np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,))), cfg)
+    if partial.exists():
         log.info("resuming %s", partial)
-        pop = None
+    else:
+        _create_partial(partial, pop, n, seed, cfg, chunk)
 
     with h5py.File(partial, "r+") as f:
         chunk = int(f["_progress"].attrs["chunk"])
         done = f["_progress/done"][:]
-        if pop is None:
-            pop = draw_population(n, np.random.default_rng(
-                np.random.SeedSequence(seed, spawn_key=(0,))), cfg)
         todo = [i for i in range(len(done)) if not done[i]]
         tasks = [(i * chunk, [pop.row(j) for j in range(i * chunk, min(n, (i + 1) * chunk))],
                   seed, cfg) for i in todo]
