@@ -259,6 +259,217 @@ class PretrainConfig:
         return _to_plain(self, hashed_only=False)
 
 
+#: Where the representation maps and searches run (``representations`` section).
+SEARCH_INDEXES: tuple[str, ...] = ("flat", "ivf", "hnsw")
+
+
+@dataclass(frozen=True)
+class RepresentationsConfig:
+    """Representations of every galaxy, similarity search and maps (Section 3.1, Appendix B).
+
+    batch_size: images per forward pass when extracting (speed only).
+    dtype: storage of the vectors on disk, ``float16`` (half the size; cosine similarities
+        change by ~1e-3, far below the gaps between neighbours) or ``float32``.
+    search_index: faiss index of the book's searches: ``flat`` (exact, the paper's brute-force
+        cosine search), ``ivf`` or ``hnsw`` (approximate, for millions of galaxies).
+    ivf_nlist, ivf_nprobe: IVF cells, and cells visited per query.
+    hnsw_m: HNSW links per node.
+    neighbours: k, the nearest neighbours shown per query (Figure 7: 5) and scored.
+    anomaly_k: the anomaly score is the cosine distance to the k-th nearest neighbour.
+    umap_fit_fraction: fraction of galaxies the UMAP is fitted on, then applied to all
+        (Appendix B.2: 5%); at least ``umap_min_fit`` galaxies.
+    umap_min_fit: smallest UMAP fit sample.
+    umap_n_neighbors, umap_min_dist: UMAP settings (umap-learn's defaults: 15, 0.1).
+    mosaic_cells: cells per side of the Figure 2 image mosaic.
+    stationarity_galaxies: galaxies followed under augmentations (Figure 9: 10).
+    """
+
+    batch_size: int = field(metadata={_HASHED: False})
+    dtype: Literal["float16", "float32"]
+    search_index: Literal["flat", "ivf", "hnsw"]
+    ivf_nlist: int
+    ivf_nprobe: int
+    hnsw_m: int
+    neighbours: int
+    anomaly_k: int
+    umap_fit_fraction: float
+    umap_min_fit: int
+    umap_n_neighbors: int
+    umap_min_dist: float
+    mosaic_cells: int
+    stationarity_galaxies: int
+
+    def __post_init__(self):
+        for name in ("batch_size", "ivf_nlist", "ivf_nprobe", "hnsw_m", "neighbours", "anomaly_k",
+                     "umap_min_fit", "umap_n_neighbors", "mosaic_cells", "stationarity_galaxies"):
+            _check(getattr(self, name) >= 1, f"representations.{name} must be at least 1, got {getattr(self, name)}")
+        _check(self.ivf_nprobe <= self.ivf_nlist,
+               f"representations.ivf_nprobe ({self.ivf_nprobe}) cannot exceed ivf_nlist ({self.ivf_nlist})")
+        _check(0 < self.umap_fit_fraction <= 1,
+               f"representations.umap_fit_fraction must lie in (0, 1], got {self.umap_fit_fraction}")
+        _check(self.umap_min_dist >= 0, f"representations.umap_min_dist must be non-negative, got {self.umap_min_dist}")
+
+
+#: Optimizers of the downstream training schedules.
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """How one downstream network is trained (Appendix C.2, E.2); shared by the supervised
+    CNN and the fine-tuned encoder.
+
+    optimizer: ``sgd`` (momentum 0.9; Appendix C.2) or ``adam`` (Appendix E.2 gives only the
+        learning rates; Pasquet et al. 2019 used Adam).
+    lr: learning rate of the network trained from scratch, and of the new head when fine-tuning.
+    encoder_lr_factor: when fine-tuning, the pretrained weights train at lr x this (paper: 0.1).
+    weight_decay: L2 penalty.
+    epochs: passes over the training labels (paper: 100).
+    min_steps: at least this many optimizer steps, whatever the label count (a run on 256
+        labels would otherwise take a handful of steps); the epochs grow to reach it.
+    max_steps: at most this many steps (null: no cap); the epochs shrink to fit it.
+    milestones: fractions of training at which the learning rate drops 10x (paper: 60 and 90
+        of 100 epochs).
+    batch_size: images per step (paper: 128 morphology, 256 photo-z).
+    """
+
+    optimizer: Literal["sgd", "adam"]
+    lr: float
+    encoder_lr_factor: float
+    weight_decay: float
+    epochs: int
+    min_steps: int
+    max_steps: int | None
+    milestones: tuple[float, ...]
+    batch_size: int
+
+    def __post_init__(self):
+        _check(self.lr > 0, f"lr must be positive, got {self.lr}")
+        _check(0 < self.encoder_lr_factor <= 1, f"encoder_lr_factor must lie in (0, 1], got {self.encoder_lr_factor}")
+        _check(self.weight_decay >= 0, f"weight_decay must be non-negative, got {self.weight_decay}")
+        _check(self.epochs >= 1 and self.min_steps >= 1 and self.batch_size >= 1,
+               "epochs, min_steps and batch_size must be at least 1")
+        _check(self.max_steps is None or self.max_steps >= self.min_steps,
+               f"max_steps ({self.max_steps}) must be null or at least min_steps ({self.min_steps})")
+        _check(all(0 < m < 1 for m in self.milestones) and list(self.milestones) == sorted(self.milestones),
+               f"milestones must be increasing fractions in (0, 1), got {list(self.milestones)}")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """The linear classifier on frozen representations (Appendix C.2).
+
+    lr: LBFGS learning rate (paper: 0.05), divided by 10 at each of ``milestones`` (epochs;
+        paper: 10 and 25).
+    epochs: LBFGS epochs (full-batch; each runs ``max_iter`` iterations).
+    max_iter: LBFGS iterations per epoch.
+    weight_decay: L2 penalty on the weights (paper: none stated).
+    """
+
+    lr: float
+    epochs: int
+    milestones: tuple[int, ...]
+    max_iter: int
+    weight_decay: float
+
+    def __post_init__(self):
+        _check(self.lr > 0 and self.epochs >= 1 and self.max_iter >= 1,
+               "probe lr, epochs and max_iter must be positive")
+        _check(self.weight_decay >= 0, f"probe weight_decay must be non-negative, got {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class MorphologyConfig:
+    """Galaxy Zoo 2 morphology (Section 3.2, Appendix C).
+
+    questions: the GZ2 questions (:mod:`sdsscl.gz2`; paper: smooth, edge_on, bar).
+    label_counts: training-label counts of the sweep; every question also runs with all
+        its labels. Counts above a question's labelled training set are skipped (and said so).
+    repeats: seeds per point for label counts up to ``repeat_up_to`` (spread shown).
+    repeat_up_to: the largest label count that is repeated.
+    supervised: the CNN from scratch (paper: SGD 0.01, 100 epochs, steps at 60 and 90).
+    finetune: the pretrained encoder with a new head (paper: as supervised, encoder 10x smaller lr).
+    probe: the linear classifier on the representations.
+    """
+
+    questions: tuple[str, ...]
+    label_counts: tuple[int, ...]
+    repeats: int
+    repeat_up_to: int
+    supervised: ScheduleConfig
+    finetune: ScheduleConfig
+    probe: ProbeConfig
+
+    def __post_init__(self):
+        from sdsscl.gz2 import QUESTIONS
+
+        unknown = [q for q in self.questions if q not in QUESTIONS]
+        _check(not unknown, f"morphology.questions names unknown GZ2 questions {unknown}; known: {list(QUESTIONS)}")
+        _check(all(n >= 2 for n in self.label_counts) and list(self.label_counts) == sorted(set(self.label_counts)),
+               f"morphology.label_counts must be increasing counts of at least 2, got {list(self.label_counts)}")
+        _check(self.repeats >= 1, f"morphology.repeats must be at least 1, got {self.repeats}")
+
+
+@dataclass(frozen=True)
+class PhotozConfig:
+    """Photometric redshifts (Section 3.3, Appendix E.2; Pasquet et al. 2019).
+
+    bins: redshift classes (paper: 180), equal width on [0, z_max].
+    z_max: upper end of the binned range (paper: 0.4); larger spec-z are clipped into the last bin.
+    fractions: fractions of the training labels of the sweep (paper: 0.1 ... 1.0).
+    repeats: seeds per fraction up to ``repeat_up_to``.
+    repeat_up_to: the largest fraction that is repeated.
+    supervised: the CNN from scratch.
+    finetune: the pretrained encoder (paper: Adam-style lr 1e-4 encoder, 1e-3 head).
+    photometry_neighbours: k of the photometry-only reference, chosen on the validation set
+        among these values (k-nearest neighbours on catalogue magnitude and colours).
+    """
+
+    bins: int
+    z_max: float
+    fractions: tuple[float, ...]
+    repeats: int
+    repeat_up_to: float
+    supervised: ScheduleConfig
+    finetune: ScheduleConfig
+    photometry_neighbours: tuple[int, ...]
+
+    def __post_init__(self):
+        _check(self.bins >= 2, f"photoz.bins must be at least 2, got {self.bins}")
+        _check(self.z_max > 0, f"photoz.z_max must be positive, got {self.z_max}")
+        _check(all(0 < f <= 1 for f in self.fractions) and list(self.fractions) == sorted(set(self.fractions)),
+               f"photoz.fractions must be increasing fractions in (0, 1], got {list(self.fractions)}")
+        _check(self.repeats >= 1, f"photoz.repeats must be at least 1, got {self.repeats}")
+        _check(len(self.photometry_neighbours) >= 1 and all(k >= 1 for k in self.photometry_neighbours),
+               "photoz.photometry_neighbours must list positive k")
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """The augmentation ablation (Appendix D, Figure 13).
+
+    subsets: augmentation sets pretrained (names of :data:`AUGMENTATIONS`).
+    epochs: pretraining epochs of each subset (the main run's ``pretrain.epochs`` in the
+        paper; fewer at CPU scale).
+    fractions: fractions of the photo-z training labels each subset is fine-tuned on (paper:
+        0.1, 0.2, 0.3).
+    finetune: the photo-z fine-tuning schedule.
+    """
+
+    subsets: tuple[tuple[str, ...], ...]
+    epochs: int
+    fractions: tuple[float, ...]
+    finetune: ScheduleConfig
+
+    def __post_init__(self):
+        for subset in self.subsets:
+            unknown = sorted(set(subset) - set(AUGMENTATIONS))
+            _check(not unknown and subset, f"ablation.subsets: {list(subset)} names unknown augmentations {unknown}")
+        _check(len({frozenset(s) for s in self.subsets}) == len(self.subsets), "ablation.subsets repeat a set")
+        _check(self.epochs >= 1, f"ablation.epochs must be at least 1, got {self.epochs}")
+        _check(all(0 < f <= 1 for f in self.fractions), f"ablation.fractions must lie in (0, 1], got {list(self.fractions)}")
+
+
 @dataclass(frozen=True)
 class BookConfig:
     """How the book draws what it shows (presentation only, never a result).
@@ -303,6 +514,10 @@ class Profile:
     data: DataConfig
     augment: AugmentConfig
     pretrain: PretrainConfig
+    representations: RepresentationsConfig
+    morphology: MorphologyConfig
+    photoz: PhotozConfig
+    ablation: AblationConfig
     book: BookConfig
     overrides: dict[str, Any] = field(default_factory=dict, metadata={_HASHED: False})
 
