@@ -107,3 +107,156 @@ def show_galaxies(images, titles: Sequence[str] | None = None, ncols: int = 8,
         ax.set_xticks([])
         ax.set_yticks([])
     return fig
+
+
+def _outline_crop(ax, height: int, width: int, crop_size: int, color: str = "white") -> None:
+    """Outline the centred ``crop_size`` square the network sees (as the centre crop takes it)."""
+    y0, x0 = height // 2 - crop_size // 2, width // 2 - crop_size // 2
+    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), crop_size, crop_size, fill=False,
+                           edgecolor=color, linewidth=0.8))
+
+
+def similarity_grid(images_query, images_neighbours, similarities, titles: Sequence[str] | None = None,
+                    crop_size: int = 64, colors: Sequence | None = None, panel_size: float = 1.3,
+                    stretch: float = LUPTON_STRETCH, Q: float = LUPTON_Q) -> Figure:
+    """Paper Figure 7: each row a query galaxy (left, framed in colour) and its k most
+    similar galaxies, with the cosine similarity written on each.
+
+    images_query: (Q, 5, H, W). images_neighbours: (Q, k, 5, H, W). similarities: (Q, k).
+    titles: one label per query (e.g. its ObjID), shown above it. crop_size: side of the
+    centred square outlined on every cutout (the 64x64 the network sees). colors: one frame
+    colour per query (default: the tab10 cycle). Whole cutouts are shown, Lupton RGB.
+    """
+    q_rgb = lupton_rgb(images_query, stretch=stretch, Q=Q)
+    n_rgb = lupton_rgb(images_neighbours.reshape((-1,) + tuple(images_neighbours.shape[-3:])),
+                       stretch=stretch, Q=Q)
+    q_rgb = q_rgb[None] if q_rgb.ndim == 3 else q_rgb
+    sims = np.asarray(similarities, dtype=np.float64)
+    n_query = q_rgb.shape[0]
+    if sims.ndim != 2 or sims.shape[0] != n_query or n_rgb.shape[0] != sims.size:
+        raise ValueError(f"similarity_grid: {n_query} queries, {n_rgb.shape[0]} neighbour images and "
+                         f"similarities of shape {sims.shape} do not agree (want (Q, k) and Q*k images)")
+    if titles is not None and len(titles) != n_query:
+        raise ValueError(f"{len(titles)} titles for {n_query} queries")
+    k = sims.shape[1]
+    n_rgb = n_rgb.reshape((n_query, k) + n_rgb.shape[1:])
+    if colors is None:
+        from matplotlib import colormaps
+
+        colors = [colormaps["tab10"](i % 10) for i in range(n_query)]
+    fig = Figure(figsize=(panel_size * (k + 1.2), panel_size * n_query + (0.2 * n_query if titles else 0)),
+                 layout="constrained")
+    grid = fig.add_gridspec(n_query, k + 2, width_ratios=[1, 0.2] + [1] * k)
+    height, width = q_rgb.shape[1:3]
+    for row in range(n_query):
+        ax = fig.add_subplot(grid[row, 0])
+        ax.imshow(q_rgb[row], origin="lower", interpolation="nearest")
+        _outline_crop(ax, height, width, crop_size)
+        for spine in ax.spines.values():
+            spine.set_edgecolor(colors[row])
+            spine.set_linewidth(3)
+        if titles is not None:
+            ax.set_title(str(titles[row]), fontsize=7)
+        panels = [ax]
+        for j in range(k):
+            ax = fig.add_subplot(grid[row, j + 2])
+            ax.imshow(n_rgb[row, j], origin="lower", interpolation="nearest")
+            _outline_crop(ax, height, width, crop_size)
+            ax.text(0.04, 0.04, f"{sims[row, j]:.4f}", transform=ax.transAxes, fontsize=7,
+                    color="white", ha="left", va="bottom")
+            panels.append(ax)
+        for ax in panels:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return fig
+
+
+# ----------------------------------------------------------------------------- downstream figures
+MODEL_LABELS = {"supervised": "supervised", "probe": "linear on representations",
+                "finetune": "fine-tuned", "photometry": "photometry only (kNN)"}
+MODEL_COLORS = {"supervised": "C3", "probe": "C0", "finetune": "C2", "photometry": "0.4"}
+
+
+def vote_fraction_grid(panels, counts: Sequence[int], models: Sequence[str], question_text: str = "",
+                       panel_size: float = 2.3) -> Figure:
+    """Predicted against true GZ2 vote fraction (paper Figures 3, 11, 12): one row per label
+    count, one column per model; point size and opacity grow with the number of votes; the
+    metrics on high-quality labels are inlaid.
+
+    panels: ``{(count, model): {"p_true", "p_pred", "n_votes", "metrics"}}``.
+    """
+    fig = Figure(figsize=(panel_size * len(models), panel_size * len(counts)), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(counts), len(models), sharex=True, sharey=True, squeeze=False))
+    for i, count in enumerate(counts):
+        for j, model in enumerate(models):
+            ax = axes[i, j]
+            ax.set_aspect("equal")
+            ax.plot([0, 1], [0, 1], color="0.6", lw=0.7)
+            panel = panels.get((count, model))
+            if panel is None:
+                ax.text(0.5, 0.5, "not run", ha="center", va="center", fontsize=7, color="0.5")
+                continue
+            votes = np.asarray(panel["n_votes"], float)
+            size = 2 + 10 * votes / max(votes.max(), 1)
+            alpha = np.clip(0.15 + 0.6 * votes / max(votes.max(), 1), 0, 1)
+            colors = np.zeros((len(votes), 4))
+            colors[:, :3] = (0.12, 0.35, 0.65)
+            colors[:, 3] = alpha
+            ax.scatter(panel["p_true"], panel["p_pred"], s=size, c=colors, linewidths=0)
+            m = panel["metrics"]
+            ax.text(0.03, 0.97, "\n".join([f"Acc {m['accuracy']:.3f}", f"Prec {m['precision']:.3f}",
+                                           f"Rec {m['recall']:.3f}", f"AUC {m['auc']:.3f}",
+                                           f"η {100 * m['eta']:.2f}%"]),
+                    transform=ax.transAxes, va="top", fontsize=6, family="monospace",
+                    bbox=dict(facecolor="white", alpha=0.7, lw=0))
+            if i == 0:
+                ax.set_title(MODEL_LABELS.get(model, model), fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"{count:,} labels\npredicted P", fontsize=7)
+            if i == len(counts) - 1:
+                ax.set_xlabel("volunteers' P", fontsize=7)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.tick_params(labelsize=6)
+    if question_text:
+        fig.suptitle(question_text, fontsize=8)
+    return fig
+
+
+def label_curves(series, metric_label: str, ax=None, xlabel: str = "training labels", logx: bool = True):
+    """A metric against the number (or fraction) of training labels, one line per model, with
+    the spread over seeds as error bars. series: ``{model: (x, mean, std)}``."""
+    if ax is None:
+        fig = Figure(figsize=(3.2, 2.5), layout="constrained")
+        ax = fig.subplots()
+    for model, (x, mean, std) in series.items():
+        ax.errorbar(x, mean, yerr=std, marker="o", ms=3, lw=1, capsize=2, label=MODEL_LABELS.get(model, model),
+                    color=MODEL_COLORS.get(model), ls="--" if model == "photometry" else "-")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel, fontsize=7)
+    ax.set_ylabel(metric_label, fontsize=7)
+    ax.tick_params(labelsize=6)
+    return ax.figure
+
+
+def photoz_scatter(panels, z_max: float, size: float = 3.0) -> Figure:
+    """Photometric against spectroscopic redshift (paper Figure 5), as a 2-D histogram per
+    model, with sigma_MAD, bias and eta inlaid. panels: ``{title: (z_spec, z_phot, metrics)}``."""
+    from matplotlib.colors import LogNorm
+
+    fig = Figure(figsize=(size * len(panels), size), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+    bins = np.linspace(0, z_max, 61)
+    for ax, (title, (zs, zp, m)) in zip(axes, panels.items()):
+        h = ax.hist2d(zs, zp, bins=[bins, bins], cmap="viridis", norm=LogNorm(), rasterized=True)
+        ax.plot([0, z_max], [0, z_max], color="w", lw=0.7)
+        ax.set_aspect("equal")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("spectroscopic z", fontsize=7)
+        ax.text(0.03, 0.97, f"σ_MAD {m['sigma_mad']:.4f}\n<Δz> {m['bias']:+.4f}\nη {100 * m['eta']:.2f}%",
+                transform=ax.transAxes, va="top", fontsize=6, family="monospace", color="w")
+        ax.tick_params(labelsize=6)
+    axes[0].set_ylabel("photometric z", fontsize=7)
+    fig.colorbar(h[3], ax=axes, shrink=0.8, label="galaxies")
+    return fig
