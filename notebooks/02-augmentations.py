@@ -170,6 +170,6 @@ display(fig)
 #
 # The five augmentations act as the paper describes, on whole batches, and the drawn values
 # are what the images show. Which of them make the best representations is the ablation of
-# {doc}`/book/08-ablation`.
+# {doc}`/notebooks/08-ablation`.
 #
 # **What next.** {doc}`03-moco`: the contrastive pretraining that uses these views.

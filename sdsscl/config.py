@@ -331,6 +331,9 @@ class ScheduleConfig:
     milestones: fractions of training at which the learning rate drops 10x (paper: 60 and 90
         of 100 epochs).
     batch_size: images per step (paper: 128 morphology, 256 photo-z).
+    head_init: the new head of a fine-tuned encoder starts ``random`` (the paper) or from the
+        linear probe fitted on the training labels' representations (``probe``; "LP-FT",
+        Kumar et al. 2022), with the probe itself as step 0 of the model selection.
     """
 
     optimizer: Literal["sgd", "adam"]
@@ -342,6 +345,7 @@ class ScheduleConfig:
     max_steps: int | None
     milestones: tuple[float, ...]
     batch_size: int
+    head_init: Literal["random", "probe"] = "random"
 
     def __post_init__(self):
         _check(self.lr > 0, f"lr must be positive, got {self.lr}")
@@ -421,6 +425,8 @@ class PhotozConfig:
     repeat_up_to: the largest fraction that is repeated.
     supervised: the CNN from scratch.
     finetune: the pretrained encoder (paper: Adam-style lr 1e-4 encoder, 1e-3 head).
+    probe: the linear probe that starts the fine-tuned head when ``finetune.head_init`` is
+        ``probe`` (the ablation's fine-tuning uses it too).
     photometry_neighbours: k of the photometry-only reference, chosen on the validation set
         among these values (k-nearest neighbours on catalogue magnitude and colours).
     """
@@ -432,6 +438,7 @@ class PhotozConfig:
     repeat_up_to: float
     supervised: ScheduleConfig
     finetune: ScheduleConfig
+    probe: ProbeConfig
     photometry_neighbours: tuple[int, ...]
 
     def __post_init__(self):

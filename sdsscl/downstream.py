@@ -90,6 +90,21 @@ class Task:
         return -float(photoz_metrics(self.bins.expected(pred), self.bins.centers[target])["sigma_mad"])
 
 
+def check_targets(task: Task, targets: np.ndarray, what: str) -> None:
+    """Labels a task can learn: P in [0, 1] (binary), or bin indices in [0, n_bins)."""
+    t = np.asarray(targets)
+    if task.kind == "binary":
+        bad = ~np.isfinite(t) | (t < 0) | (t > 1)
+        rule = "vote fractions in [0, 1]"
+    else:
+        bad = (t < 0) | (t >= task.n_outputs) | (t != np.round(t))
+        rule = f"bin indices in [0, {task.n_outputs})"
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{task.name}: {int(bad.sum())} of {t.size} {what} labels are not {rule}, "
+                         f"e.g. {t.flat[i].item()!r} at position {i}")
+
+
 def morphology_task(question: str) -> Task:
     gz2.question(question)  # KeyError naming the valid questions
     return Task(name=question, kind="binary")
@@ -205,7 +220,7 @@ class FitResult:
 def fit(net: Network, task: Task, images: Images, train_rows, train_targets, val_rows, val_targets,
         schedule: ScheduleConfig, augment: AugmentConfig, *, pretrained: bool, seed: int,
         out_dir: Path | None = None, device: str | None = None, progress: bool = False,
-        max_steps: int | None = None) -> FitResult:
+        max_steps: int | None = None, evaluate_start: bool = False) -> FitResult:
     """Train ``net`` on ``images[train_rows]`` (targets: P in [0, 1], or bin indices), keep
     the state with the best validation score.
 
@@ -214,6 +229,8 @@ def fit(net: Network, task: Task, images: Images, train_rows, train_targets, val
     evaluates the whole validation set, so all agree on the best step). With ``out_dir``
     a checkpoint is written at each evaluation and a killed run resumes from it exactly;
     ``max_steps`` stops after that many steps in all, after a checkpoint (as a kill would).
+    ``evaluate_start`` makes the untrained state (step 0) a candidate too: a head started
+    from the linear probe is then never worse on validation than the probe.
     """
     env = init_distributed(device)
     train_rows, val_rows = np.asarray(train_rows), np.asarray(val_rows)
@@ -221,6 +238,8 @@ def fit(net: Network, task: Task, images: Images, train_rows, train_targets, val
     n = len(train_rows)
     if n < 1:
         raise ValueError(f"{task.name}: no training galaxies")
+    check_targets(task, train_targets.numpy(), "training")
+    check_targets(task, np.asarray(val_targets), "validation")
     steps = total_steps(schedule, n, env.world_size)
     evals = sorted({max(1, round(steps * (i + 1) / N_EVALS)) for i in range(N_EVALS)})
     pipeline = AugmentationPipeline(TRAINING_AUGMENTATIONS, crop_size=augment.crop_size,
@@ -264,6 +283,20 @@ def fit(net: Network, task: Task, images: Images, train_rows, train_targets, val
         mine = np.asarray(idx)[env.rank::env.world_size]
         return mine
 
+    def evaluate(loss_value: float) -> None:
+        nonlocal best_score, best_step, best_state
+        pred = predict(net, task, images, val_rows, crop_size=augment.crop_size)
+        score = task.score(pred, np.asarray(val_targets))
+        history.append({"step": step, "loss": loss_value, "val_score": score})
+        if logger is not None:
+            logger.write(step, step * global_batch // n, loss=loss_value,
+                         lr=opt.param_groups[-1]["lr"], val_score=score)
+        if score > best_score or best_state is None:
+            best_score, best_step = score, step
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    if evaluate_start and step == 0:
+        evaluate(float("nan"))
     bar = None
     if progress and env.is_main:
         from tqdm.auto import tqdm
@@ -286,15 +319,7 @@ def fit(net: Network, task: Task, images: Images, train_rows, train_targets, val
             bar.update(1)
         stop = max_steps is not None and step >= max_steps
         if step in evals:
-            pred = predict(net, task, images, val_rows, crop_size=augment.crop_size)
-            score = task.score(pred, np.asarray(val_targets))
-            history.append({"step": step, "loss": float(loss.item()), "val_score": score})
-            if logger is not None:
-                logger.write(step, step * global_batch // n, loss=loss.item(),
-                             lr=opt.param_groups[-1]["lr"], val_score=score)
-            if score > best_score or best_state is None:
-                best_score, best_step = score, step
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            evaluate(float(loss.item()))
         if ckpt_path is not None and (step in evals or stop):
             states = [rng_state(generator)]
             if env.world_size > 1:
@@ -325,7 +350,8 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
 
     The representations are standardised with the training mean and standard deviation first
     (an affine map, so the classifier stays linear in the representation; it only helps
-    LBFGS converge). Returns ``predict(x) -> P or p(z)`` and a summary.
+    LBFGS converge). Returns ``predict(x) -> P or p(z)`` and a summary whose ``weight`` and
+    ``bias`` are the classifier on the raw representations (to start a fine-tuned head).
     """
     x = torch.as_tensor(np.asarray(train_x, np.float32))
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
@@ -360,7 +386,10 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
         return task.predict(head(f)).numpy()
 
     best_epoch = max(history, key=lambda h: h["val_score"])["epoch"]
-    return predict_probe, {"best_score": best, "best_epoch": best_epoch, "history": history}
+    weight = (head.weight / std).detach()                                     # (n_out, D)
+    bias = (head.bias - (head.weight * mean / std).sum(1)).detach()           # (n_out,)
+    return predict_probe, {"best_score": best, "best_epoch": best_epoch, "history": history,
+                           "weight": weight, "bias": bias}
 
 
 # ----------------------------------------------------------------------------- label subsets
@@ -449,10 +478,15 @@ class LabelledData:
     split_rows: dict[str, np.ndarray]  # rows of ``dataset`` per split
 
 
+#: Labelled images up to this size are read into memory once; larger sets are read from disk.
+PRELOAD_MAX_BYTES = 16 * 2**30
+
+
 def labelled_data(profile: Profile, paths, deredden: bool, columns: Sequence[str] = (),
-                  progress: bool = False, preload: bool = True) -> LabelledData:
+                  progress: bool = False, preload: bool | None = None) -> LabelledData:
     """The profile's labelled galaxies (the stored train/val/test splits of notebook 01),
-    with their images de-reddened or not (photo-z: yes, Appendix E.2)."""
+    with their images de-reddened or not (photo-z: yes, Appendix E.2). ``preload`` None
+    reads them into memory when they take at most :data:`PRELOAD_MAX_BYTES`."""
     from .provenance import data_files
 
     files = data_files(profile, paths)["labelled"]
@@ -464,6 +498,8 @@ def labelled_data(profile: Profile, paths, deredden: bool, columns: Sequence[str
     for k in ("train", "val", "test"):
         rows[k] = np.arange(start, start + len(splits[k]))
         start += len(splits[k])
+    if preload is None:
+        preload = len(ds) * 5 * 107 * 107 * 4 <= PRELOAD_MAX_BYTES
     images = Images.load(ds, progress=progress) if preload else Images(ds)
     return LabelledData(dataset=ds, images=images, split_rows=rows)
 
@@ -478,13 +514,35 @@ def moco_checkpoint(paths) -> Path:
 
 def _train_and_predict(kind: str, task: Task, data: LabelledData, train_rows, train_y, val_rows, val_y,
                        schedule: ScheduleConfig, profile: Profile, checkpoint: Path | None, seed: int,
-                       work: Path, device, progress) -> tuple[np.ndarray, dict]:
-    net = build_network(profile.pretrain.encoder, task.n_outputs, checkpoint if kind == "finetune" else None)
+                       work: Path, device, progress, probe: ProbeConfig | None = None,
+                       features: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Train a supervised or fine-tuned network and predict the test split. With
+    ``schedule.head_init == "probe"`` a fine-tuned head starts from the linear probe fitted
+    on ``features`` (the representations of every row of ``data``)."""
+    finetune = kind == "finetune"
+    net = build_network(profile.pretrain.encoder, task.n_outputs, checkpoint if finetune else None)
+    from_probe = finetune and schedule.head_init == "probe"
+    if from_probe:
+        _, info = fit_probe(features[train_rows], train_y, features[val_rows], val_y, task, probe, seed)
+        with torch.no_grad():
+            net.head.weight.copy_(info["weight"])
+            net.head.bias.copy_(info["bias"])
     res = fit(net, task, data.images, train_rows, train_y, val_rows, val_y, schedule, profile.augment,
-              pretrained=kind == "finetune", seed=seed, out_dir=work, device=device, progress=progress)
+              pretrained=finetune, seed=seed, out_dir=work, device=device, progress=progress,
+              evaluate_start=from_probe)
     pred = predict(res.net, task, data.images, data.split_rows["test"], crop_size=profile.augment.crop_size)
     return pred, {"best_step": res.best_step, "steps": res.steps, "val_score": res.best_score,
                   "history": res.history}
+
+
+def representations_of(checkpoint: Path, encoder_cfg: EncoderConfig, images: Images, crop_size: int) -> np.ndarray:
+    """The pretrained encoder's representations of every image (probe and probe-started heads)."""
+    encoder, _ = load_encoder(checkpoint, encoder_cfg)
+    if isinstance(images.source, Tensor):
+        return encode(encoder, images.source, crop_size=crop_size).numpy()
+    chunks = [encode(encoder, images[np.arange(i, min(i + 4096, len(images)))], crop_size=crop_size).numpy()
+              for i in range(0, len(images), 4096)]  # read from disk a chunk at a time
+    return np.concatenate(chunks)
 
 
 # ----------------------------------------------------------------------------- morphology
@@ -517,10 +575,8 @@ def run_morphology(profile: Profile, runs_dir=None, models: Sequence[str] = MODE
                 "splits": _hash(paths.splits.read_text()), "min_votes": profile.data.gz2_min_votes}
     store = RunStore(paths.root / "downstream" / "morphology", settings)
     reps = None
-    if "probe" in models:
-        encoder, _ = load_encoder(ckpt, profile.pretrain.encoder)
-        reps = encode(encoder, data.images.source if isinstance(data.images.source, Tensor)
-                      else data.images[np.arange(len(data.images))], crop_size=profile.augment.crop_size).numpy()
+    if "probe" in models or ("finetune" in models and cfg.finetune.head_init == "probe"):
+        reps = representations_of(ckpt, profile.pretrain.encoder, data.images, profile.augment.crop_size)
     records, skipped, n_labelled = [], {}, {}
     for question in cfg.questions:
         task = morphology_task(question)
@@ -544,11 +600,11 @@ def run_morphology(profile: Profile, runs_dir=None, models: Sequence[str] = MODE
                         work = store.work_dir(key)
                         pred, info = _train_and_predict(model, task, _with_test(data, test_rows), sub, p[sub],
                                                         rows["val"], p[rows["val"]], schedule, profile, ckpt,
-                                                        seed, work, device, progress)
+                                                        seed, work, device, progress, cfg.probe, reps)
                     metrics = binary_metrics(p[test_rows], pred)
                     rec = store.put(key, {"question": question, "model": model, "count": int(count),
                                           "seed": int(seed), "all_labels": count == len(rows["train"]),
-                                          "metrics": metrics, **{k: v for k, v in info.items() if k != "history"}},
+                                          "metrics": metrics, **_summary(info)},
                                     {"p_true": p[test_rows], "p_pred": pred.astype(np.float32),
                                      "n_votes": n_votes[test_rows], "objid": data.dataset.objids[test_rows]})
                     log.info("%s: %s", key, metrics)
@@ -556,6 +612,11 @@ def run_morphology(profile: Profile, runs_dir=None, models: Sequence[str] = MODE
     summary = {"runs": records, "skipped_counts": skipped, "n_labelled": n_labelled}
     write_metrics("morphology", summary, paths, Provenance.of(profile))
     return summary
+
+
+def _summary(info: dict) -> dict:
+    """The scalar part of a training summary (for the run record)."""
+    return {k: v for k, v in info.items() if isinstance(v, (int, float))}
 
 
 def _with_test(data: LabelledData, test_rows: np.ndarray) -> LabelledData:
@@ -625,6 +686,9 @@ def run_photoz(profile: Profile, runs_dir=None, models: Sequence[str] = ("superv
                 "checkpoint": file_fingerprint(ckpt), "splits": _hash(paths.splits.read_text())}
     store = RunStore(paths.root / "downstream" / store_name, settings)
     n_train = len(rows["train"])
+    reps = None
+    if "finetune" in models and (schedule or cfg.finetune).head_init == "probe":
+        reps = representations_of(ckpt, profile.pretrain.encoder, data.images, profile.augment.crop_size)
     records = []
     for fraction in fractions:
         count = max(1, int(round(fraction * n_train)))
@@ -637,13 +701,13 @@ def run_photoz(profile: Profile, runs_dir=None, models: Sequence[str] = ("superv
                     sched = schedule or (cfg.supervised if model == "supervised" else cfg.finetune)
                     probs, info = _train_and_predict(model, task, data, sub, target[sub], rows["val"],
                                                      target[rows["val"]], sched, profile, ckpt, seed,
-                                                     store.work_dir(key), device, progress)
+                                                     store.work_dir(key), device, progress, cfg.probe, reps)
                     zp = task.bins.expected(probs)
                     zt = z[rows["test"]]
                     metrics = {**photoz_metrics(zp, zt), "crps": float(np.mean(task.bins.crps(probs, zt)))}
                     rec = store.put(key, {"model": model, "fraction": float(fraction), "count": count,
                                           "seed": seed, "metrics": metrics,
-                                          **{k: v for k, v in info.items() if k != "history"}},
+                                          **_summary(info)},
                                     {"z_spec": zt.astype(np.float32), "z_phot": zp.astype(np.float32),
                                      "pit": task.bins.cdf(probs, zt).astype(np.float32),
                                      "pz": probs.astype(np.float16)})
@@ -701,4 +765,20 @@ def run_ablation(profile: Profile, runs_dir=None, device: str | None = None, pro
                         "runs": summary["runs"]})
     out = {"subsets": results, "epochs": cfg.epochs, "fractions": list(cfg.fractions)}
     write_metrics("ablation", out, paths, Provenance.of(profile))
+    return out
+
+
+# ----------------------------------------------------------------------------- summaries
+def aggregate(records: Sequence[dict], keys: Sequence[str], metric: str) -> dict[tuple, dict]:
+    """Mean, standard deviation (over seeds) and count of ``metrics[metric]`` per value of
+    ``keys`` (e.g. ("question", "model", "count")); NaN values are left out and counted."""
+    groups: dict[tuple, list[float]] = {}
+    for r in records:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(float(r["metrics"][metric]))
+    out = {}
+    for key, values in sorted(groups.items()):
+        v = np.asarray(values, dtype=float)
+        ok = v[np.isfinite(v)]
+        out[key] = {"mean": float(ok.mean()) if ok.size else math.nan,
+                    "std": float(ok.std()) if ok.size > 1 else 0.0, "n": int(ok.size), "n_nan": int(v.size - ok.size)}
     return out

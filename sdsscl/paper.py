@@ -29,6 +29,10 @@ class Claim:
     chapter: str
 
 
+#: "Few labels" in the morphology claim: the label counts up to which the linear probe and the
+#: fine-tuned encoder must beat the supervised CNN (the paper's 256 and 1,024 points, Figure 3).
+FEW_LABELS = 1024
+
 CLAIMS: tuple[Claim, ...] = (
     Claim("datasets",
           "517,190 spec-z labelled and 845,254 unlabelled SDSS DR12 galaxies with dereddened Petrosian "
@@ -38,26 +42,26 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("augmentations",
           "Gaussian noise is the strongest augmentation and PSF smoothing the weakest; the best "
           "representations come from all augmentations except PSF",
-          "Section 2; Appendix D", (13,), "book/08-ablation"),
+          "Section 2; Appendix D", (13,), "notebooks/08-ablation"),
     Claim("representation_space",
           "A 2-d UMAP of the 2048-d representations groups galaxies by visual similarity, GZ2 morphology "
           "and spectroscopic redshift; a UMAP of the pixels separates mainly by size and brightness",
-          "Section 3.1; Appendix B.2, B.3", (2, 8, 10), "book/04-representation-space"),
+          "Section 3.1; Appendix B.2, B.3", (2, 8, 10), "notebooks/04-representation-space"),
     Claim("morphology",
           "A linear classifier on the representations and the fine-tuned encoder far outperform a "
           "supervised CNN with few labels; the supervised network needs roughly 16 times more labels to "
           "match the fine-tuned one on the first GZ2 question",
-          "Section 3.2; Appendix C", (3, 11, 12), "book/05-morphology"),
+          "Section 3.2; Appendix C", (3, 11, 12), "notebooks/05-morphology"),
     Claim("photoz",
           "Fine-tuned representations beat the supervised network in sigma_MAD and eta at every fraction "
           "of training labels, worth 2-4 times more spec-z labels, and set a new state of the art for "
           "CNN photo-z on SDSS",
-          "Section 3.3", (4, 5), "book/06-photoz"),
+          "Section 3.3", (4, 5), "notebooks/06-photoz"),
     Claim("similarity_search",
           "A cosine-similarity search in representation space returns visually similar galaxies, "
           "agnostic to rotation and jitter; representations stay put under augmentations while a pixel "
           "UMAP moves",
-          "Appendix B.1, B.2", (7, 9), "book/07-similarity-search"),
+          "Appendix B.1, B.2", (7, 9), "notebooks/07-similarity-search"),
 )
 
 

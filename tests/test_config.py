@@ -55,7 +55,7 @@ def test_paper_yaml_cites_a_section_for_every_augmentation_value():
 
 def test_paper_yaml_gives_a_source_for_every_pretraining_value():
     text = (project_root() / "profiles" / "paper.yaml").read_text()
-    block = text.split("\npretrain:")[1].split("\nbook:")[0]
+    block = text.split("\npretrain:")[1].split("\nrepresentations:")[0]
     speed_only = ("checkpoint_every", "log_every", "num_workers", "encoder:")
     for line in block.strip().splitlines():
         if line.strip().startswith(speed_only):

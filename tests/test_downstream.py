@@ -115,6 +115,21 @@ def test_label_subsets_are_nested_and_refuse_too_many():
     assert points == [(16, 0), (16, 1), (16, 2), (64, 0), (100, 0)] and skipped == [256]
 
 
+def test_labels_outside_the_task_are_refused():
+    images, p = _toy_images(8)
+    task = ds.morphology_task("smooth")
+    net = ds.Network(build_encoder(TINY), 32, 1)
+    bad = p.copy()
+    bad[2] = 1.5
+    with pytest.raises(ValueError, match=r"1 of 6 training labels are not vote fractions in \[0, 1\], e.g. 1.5"):
+        ds.fit(net, task, images, np.arange(6), bad[:6], np.arange(6, 8), p[6:], schedule(), AUGMENT,
+               pretrained=False, seed=0)
+    bins = ds.photoz_task(180, 0.4)
+    with pytest.raises(ValueError, match=r"validation labels are not bin indices in \[0, 180\)"):
+        ds.fit(ds.Network(build_encoder(TINY), 32, 180), bins, images, np.arange(6), np.zeros(6, int),
+               np.arange(6, 8), np.array([3, 180]), schedule(), AUGMENT, pretrained=False, seed=0)
+
+
 def test_unknown_question_is_refused():
     with pytest.raises(KeyError, match="unknown GZ2 question 'spiral'"):
         ds.morphology_task("spiral")
