@@ -43,7 +43,6 @@ runs_dir = None  # artifact root; None means runs/ in the project
 # %matplotlib inline
 import time
 
-import numpy as np
 from matplotlib.figure import Figure
 
 from sdsscl.config import load_profile
@@ -141,7 +140,7 @@ display(fig)
 # is uniform: a U shape means over-confident distributions, a hump under-confident ones, a
 # slope a bias. The CRPS (in redshift units, lower is better) scores the whole distribution.
 
-# %% tags=["hide-input"] mystnb={"figure": {"caption": "PIT histograms of the test set for the fine-tuned and supervised networks trained on the most labels; a calibrated p(z) gives the flat dashed line. The paper keeps only the point estimate. Made by notebook 06-photoz.", "name": "fig-photoz-pit"}}
+# %% tags=["hide-input"] mystnb={"figure": {"caption": "PIT histograms of the test set for the fine-tuned and supervised networks trained on the most labels; a calibrated p(z) gives the flat dashed line. The paper has no such figure (it keeps only the point estimate). Made by notebook 06-photoz.", "name": "fig-photoz-pit"}}
 fig = Figure(figsize=(6, 2.3), layout="constrained")
 axes = fig.subplots(1, 2, sharey=True)
 for ax, (model, (arrays, rec)) in zip(axes, best.items()):

@@ -358,9 +358,11 @@ def cmd_nbval_refs(args) -> None:
         for cell in nb.cells:
             cell.metadata.pop("papermill", None)
             cell.metadata.pop("execution", None)
+            ignored = "nbval-ignore-output" in cell.metadata.get("tags", [])
             for output in cell.get("outputs", []):  # nbval never compares images: keep the files small
-                for mime in [m for m in output.get("data", {}) if m.startswith("image/")]:
-                    del output["data"][mime]
+                for mime in [m for m in output.get("data", {})
+                             if m.startswith("image/") or (ignored and m == "text/html")]:
+                    del output["data"][mime]  # (an ignored cell's HTML is the interactive map: MBs)
         nbformat.write(nb, NBVAL_DIR / f"{outcome.name}.ipynb")
         say(f"reference {NBVAL_DIR.relative_to(ROOT) / (outcome.name + '.ipynb')}")
 

@@ -273,6 +273,43 @@ def anomaly_scores(index: SimilarityIndex, k: int, batch_size: int = 4096, progr
 
 
 # ----------------------------------------------------------------------------- a profile's search
+def example_queries(dataset, n: int, seed: int, candidates_per_query: int = 10,
+                    crop_size: int = CROP_SIZE) -> np.ndarray:
+    """The example galaxies of Figures 7 and 9, chosen by one reproducible rule.
+
+    The paper hand-picked ten galaxies for its similarity search (Figure 7) and followed the
+    same ten under augmentations (Figure 9). Here: ``min(N, candidates_per_query * n)``
+    galaxies are drawn without replacement by ``numpy.random.default_rng(seed)``, each one's
+    r-band flux inside the ``crop_size`` centre crop (what the network sees) is summed, and
+    the ``n`` at evenly spaced brightness ranks are kept, from the brightest candidate to the
+    faintest, so the examples span the survey's range of brightness and size rather than
+    showing only its many small, faint galaxies. Only the images are read (no catalogue
+    column), so the rule works on the authors' files and on the mock alike.
+
+    dataset: a :class:`sdsscl.data.SurveyDataset`. Returns (n,) int64 positions in it,
+    brightest first (the row order of Figure 7).
+    """
+    from .constants import R_BAND
+
+    size = len(dataset)
+    if not 1 <= n <= size:
+        raise ValueError(f"example_queries: n must be between 1 and the {size} galaxies, got {n}")
+    if candidates_per_query < 1:
+        raise ValueError(f"example_queries: candidates_per_query must be >= 1, got {candidates_per_query}")
+    m = min(size, candidates_per_query * n)
+    candidates = np.sort(np.random.default_rng(seed).choice(size, size=m, replace=False))
+    lo = None
+    flux = np.empty(m, np.float64)
+    for k, row in enumerate(candidates):
+        image = dataset[int(row)]["image"]                                         # (5, H, W)
+        if lo is None:
+            lo = (image.shape[-1] - crop_size) // 2                                # the centre crop's corner
+        flux[k] = float(image[R_BAND, lo:lo + crop_size, lo:lo + crop_size].double().sum())
+    by_brightness = candidates[np.argsort(-flux, kind="stable")]
+    ranks = np.unique(np.round(np.linspace(0, m - 1, n)).astype(np.int64))
+    return by_brightness[ranks].astype(np.int64)
+
+
 def find_similar(profile, queries, *, by: str = "index", k: int | None = None, runs_dir=None):
     """Figure 7 for a profile: the ``k`` galaxies most similar to each query galaxy.
 

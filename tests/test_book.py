@@ -69,7 +69,7 @@ SETTING_KEYWORDS = {"seed", "n", "n_galaxies", "workers", "max_galaxies", "fract
 
 
 #: Integers that a notebook may write although a profile happens to hold them too.
-NOT_SETTINGS = {100, 120}  # percentages; the sky map's tick marks in degrees
+NOT_SETTINGS = {100, 120, 180}  # percentages; angles in degrees (sky map)
 
 
 @pytest.mark.parametrize("path", notebook_sources(), ids=lambda p: p.stem)

@@ -21,6 +21,7 @@ from sdsscl.representations import (
     extract_representations,
     load_representations,
 )
+from sdsscl.search import example_queries  # noqa: E402
 from sdsscl.search import (
     SimilarityIndex,
     anomaly_scores,
@@ -189,3 +190,17 @@ def test_similarity_grid_draws_queries_and_neighbours():
     fig.savefig(__import__("io").BytesIO(), format="png", dpi=30)
     with pytest.raises(ValueError, match="do not agree"):
         similarity_grid(images[:2], images[2:8].reshape(2, 3, 5, 107, 107), sims[:, :2])
+
+
+def test_example_queries_span_brightness_reproducibly(tmp_path):
+    ds = SurveyDataset(write_survey(tmp_path / "s.h5", n=40, seed=3))
+    picks = example_queries(ds, n=4, seed=7, candidates_per_query=5)
+    assert picks.dtype == np.int64 and len(set(picks.tolist())) == 4
+    np.testing.assert_array_equal(picks, example_queries(ds, n=4, seed=7, candidates_per_query=5))
+    r = np.array([ds[int(i)]["image"][2, 21:85, 21:85].sum().item() for i in range(len(ds))])
+    assert list(r[picks]) == sorted(r[picks], reverse=True)      # brightest first
+    # with every galaxy a candidate, the first pick is the brightest and the last the faintest
+    every = example_queries(ds, n=4, seed=7, candidates_per_query=10)
+    assert every[0] == np.argmax(r) and every[-1] == np.argmin(r)
+    with pytest.raises(ValueError, match="between 1 and the 40 galaxies"):
+        example_queries(ds, n=41, seed=0)
