@@ -285,6 +285,9 @@ def fit(net: Network, task: Task, images: Images, train_rows, train_targets, val
 
     def evaluate(loss_value: float) -> None:
         nonlocal best_score, best_step, best_state
+        if env.world_size > 1:  # BatchNorm statistics are per process: evaluate rank 0's everywhere
+            for buffer in net.buffers():
+                dist.broadcast(buffer, 0)
         pred = predict(net, task, images, val_rows, crop_size=augment.crop_size)
         score = task.score(pred, np.asarray(val_targets))
         history.append({"step": step, "loss": loss_value, "val_score": score})

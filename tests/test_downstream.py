@@ -214,3 +214,41 @@ def test_missing_pretraining_is_a_clear_error(tmp_path):
     prof = load_profile("smoke")
     with pytest.raises(FileNotFoundError, match="no pretrained encoder"):
         ds.moco_checkpoint(run_paths(prof, tmp_path))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_fit_worker(rank, world, port, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    images, p = _toy_images()
+    torch.manual_seed(0)
+    net = ds.Network(build_encoder(TINY), 32, 1)
+    res = ds.fit(net, ds.morphology_task("smooth"), images, np.arange(32), p[:32], np.arange(32, 48), p[32:48],
+                 schedule(batch_size=4), AUGMENT, pretrained=False, seed=4, out_dir=out, device="cpu")
+    torch.save({k: v.clone() for k, v in res.net.state_dict().items()}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_process_gloo_fit_keeps_ranks_in_step(tmp_path):
+    """Under torchrun every process trains on its share of each global batch and keeps the
+    same weights; the checkpoint records both ranks' random states."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_fit_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ck = load_safe(tmp_path / "checkpoint.pth.tar")
+    assert ck["step"] == 6 and len(ck["rng"]) == 2
