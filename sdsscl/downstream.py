@@ -253,6 +253,8 @@ def fit(net: Network, task: Task, images: Images, train_rows, train_targets, val
     opt = make_optimizer(net, schedule, pretrained)
     generator = torch.Generator().manual_seed(seed * 1000 + env.rank)
     global_batch = schedule.batch_size * env.world_size
+    cuda = env.device.type == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
     step, best_score, best_step, best_state, history = 0, -math.inf, 0, None, []
     ckpt_path = None
@@ -313,7 +315,8 @@ def fit(net: Network, task: Task, images: Images, train_rows, train_targets, val
         factor = step_lr_factor(step, steps, schedule.milestones)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * factor
-        loss = task.loss(model(x), y)
+        with amp:  # bf16 on GPUs, as in pretraining; full precision on the CPU
+            loss = task.loss(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
