@@ -208,7 +208,7 @@ Table(("question", "model", "label counts <= 1,024", "beats supervised (AUC) at 
       prov, caption=f"The paper's claim at few labels, checked on this run ({data_label})")
 
 # %%
-write_metrics("morphology_summary", {
+record = write_metrics("morphology_summary", {
     "auc": {"/".join(map(str, k)): v for k, v in auc.items()},
     "accuracy": {"/".join(map(str, k)): v for k, v in acc.items()},
     "label_efficiency": efficiency,

@@ -184,7 +184,7 @@ Table(("fraction", "fine-tuned σ_MAD below supervised", "fine-tuned σ_MAD belo
       prov, caption=f"The paper's claim, and the images against photometry, on this run ({data_label})")
 
 # %%
-write_metrics("photoz_summary", {
+record = write_metrics("photoz_summary", {
     **{m: {f"{k[0]}/{k[1]:g}": v for k, v in stats[m].items()} for m in stats},
     "crps": {f"{k[0]}/{k[1]:g}": v for k, v in crps.items()},
     "label_efficiency": efficiency,

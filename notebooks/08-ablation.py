@@ -106,7 +106,7 @@ Table(("paper's statement", "this run", "holds here"), tuple(checks), prov,
       caption=f"Appendix D on this run ({data_label}); differences are mean σ_MAD changes")
 
 # %%
-write_metrics("ablation_summary", {"ranking": [names[i] for i in order],
+record = write_metrics("ablation_summary", {"ranking": [names[i] for i in order],
                                    "mean_sigma_mad": {names[i]: float(sigma[i].mean()) for i in order},
                                    "checks": {c[0]: c[2] for c in checks}}, paths, prov)
 

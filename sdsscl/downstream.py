@@ -526,6 +526,7 @@ def _train_and_predict(kind: str, task: Task, data: LabelledData, train_rows, tr
     ``schedule.head_init == "probe"`` a fine-tuned head starts from the linear probe fitted
     on ``features`` (the representations of every row of ``data``)."""
     finetune = kind == "finetune"
+    torch.manual_seed(seed)  # the new head's (and a fresh network's) weights depend on this run's seed only
     net = build_network(profile.pretrain.encoder, task.n_outputs, checkpoint if finetune else None)
     from_probe = finetune and schedule.head_init == "probe"
     if from_probe:
