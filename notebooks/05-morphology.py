@@ -46,7 +46,7 @@ import numpy as np
 
 from sdsscl import gz2
 from sdsscl.config import load_profile
-from sdsscl.downstream import MODELS, aggregate, run_morphology
+from sdsscl.downstream import MODELS, aggregate, describe_schedule, run_morphology
 from sdsscl.metrics import label_efficiency
 from sdsscl.paper import FEW_LABELS
 from sdsscl.plotting import MODEL_LABELS, label_curves, vote_fraction_grid
@@ -67,18 +67,12 @@ data_label = "mock" if cfg.data.source == "mock" else "real SDSS"
 # comments in `profiles/default.yaml` say where this run departs from the paper and why.
 
 # %%
-def schedule_text(s):
-    return (f"{s.optimizer}, lr {s.lr:g}" + (f" (encoder x{s.encoder_lr_factor:g})" if s.encoder_lr_factor < 1 else "")
-            + f", {s.epochs} epochs / {s.min_steps}-{s.max_steps or 'any'} steps, batch {s.batch_size}"
-            + (", head from the linear probe" if s.head_init == "probe" else ""))
-
-
 rows = [("questions", ", ".join(mc.questions), ", ".join(paper.morphology.questions)),
         ("training labels", ", ".join(map(str, mc.label_counts)) + ", all",
          ", ".join(map(str, paper.morphology.label_counts))),
         ("seeds at small counts", f"{mc.repeats} up to {mc.repeat_up_to}", "1 (not stated)"),
-        ("supervised", schedule_text(mc.supervised), "SGD, lr 0.01, 100 epochs, batch 128"),
-        ("fine-tuned", schedule_text(mc.finetune), "as supervised, encoder lr / 10"),
+        ("supervised", describe_schedule(mc.supervised), "SGD, lr 0.01, 100 epochs, batch 128"),
+        ("fine-tuned", describe_schedule(mc.finetune), "as supervised, encoder lr / 10"),
         ("linear probe", f"LBFGS lr {mc.probe.lr:g}, {mc.probe.epochs} epochs", "LBFGS lr 0.05, /10 at 10, 25"),
         ("least votes per question", cfg.data.gz2_min_votes, paper.data.gz2_min_votes)]
 Table(("setting", f"this run ({data_label})", "paper (Appendix C.2)"), tuple(rows), prov,
@@ -190,9 +184,7 @@ for q in mc.questions:
             if qq != q or mm != model or not np.isfinite(v["mean"]):
                 continue
             eff = label_efficiency(counts_sup, metric_sup, count, v["mean"], higher_is_better=True)
-            text = f"≥ {eff.bound:.3g}" if eff.lower_bound else (f"≤ {eff.bound:.3g}" if eff.upper_bound
-                                                                  else f"{eff.factor:.3g}")
-            rows.append((q, MODEL_LABELS[model], count, text))
+            rows.append((q, MODEL_LABELS[model], count, str(eff)))
             efficiency[f"{q}/{model}/{count}"] = {"factor": eff.factor, "bound": eff.bound,
                                                   "lower_bound": eff.lower_bound, "upper_bound": eff.upper_bound}
     small = [c for c in counts_sup if c <= FEW_LABELS]

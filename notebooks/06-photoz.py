@@ -46,7 +46,7 @@ import time
 from matplotlib.figure import Figure
 
 from sdsscl.config import load_profile
-from sdsscl.downstream import RunStore, aggregate, run_photoz
+from sdsscl.downstream import RunStore, aggregate, describe_schedule, run_photoz
 from sdsscl.metrics import label_efficiency, pit_histogram
 from sdsscl.plotting import MODEL_LABELS, label_curves, photoz_scatter
 from sdsscl.provenance import Provenance, Table, run_paths, save_figure, write_metrics
@@ -62,16 +62,10 @@ data_label = "mock" if cfg.data.source == "mock" else "real SDSS"
 # ## The settings: paper and this run
 
 # %%
-def schedule_text(s):
-    return (f"{s.optimizer}, lr {s.lr:g}" + (f" (encoder x{s.encoder_lr_factor:g})" if s.encoder_lr_factor < 1 else "")
-            + f", {s.epochs} epochs / {s.min_steps}-{s.max_steps or 'any'} steps, batch {s.batch_size}"
-            + (", head from the linear probe" if s.head_init == "probe" else ""))
-
-
 rows = [("redshift bins", f"{pc.bins} on [0, {pc.z_max:g}]", f"{paper.photoz.bins} on [0, {paper.photoz.z_max:g}]"),
         ("training fractions", ", ".join(f"{f:g}" for f in pc.fractions), "0.1 ... 1.0 (Figure 4)"),
-        ("supervised", schedule_text(pc.supervised), "not stated beyond 100 epochs, batch 256"),
-        ("fine-tuned", schedule_text(pc.finetune), "lr 1e-4 encoder, 1e-3 head, 100 epochs, batch 256")]
+        ("supervised", describe_schedule(pc.supervised), "not stated beyond 100 epochs, batch 256"),
+        ("fine-tuned", describe_schedule(pc.finetune), "lr 1e-4 encoder, 1e-3 head, 100 epochs, batch 256")]
 Table(("setting", f"this run ({data_label})", "paper (Appendix E.2)"), tuple(rows), prov,
       caption="Photo-z settings")
 
@@ -169,8 +163,7 @@ for key, v in sorted(stats["sigma_mad"].items()):
     if model != "finetune":
         continue
     eff = label_efficiency([c for c, _ in sup], [m for _, m in sup], counts[key], v["mean"], higher_is_better=False)
-    text = f"≥ {eff.bound:.3g}" if eff.lower_bound else (f"≤ {eff.bound:.3g}" if eff.upper_bound else f"{eff.factor:.3g}")
-    rows.append((fraction, counts[key], text))
+    rows.append((fraction, counts[key], str(eff)))
     efficiency[f"{fraction:g}"] = {"factor": eff.factor, "bound": eff.bound, "lower_bound": eff.lower_bound,
                                    "upper_bound": eff.upper_bound}
     ref = stats["sigma_mad"].get(("photometry", fraction))

@@ -45,7 +45,7 @@ from .data import SurveyDataset, load_splits
 from .metrics import RedshiftBins, binary_metrics, photoz_metrics
 from .models import build_encoder, representation_dim
 from .representations import encode
-from .train import RunLogger, barrier, init_distributed, rng_state, set_rng_state
+from .train import RunLogger, barrier, gather_rng_states, init_distributed, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,13 @@ def make_optimizer(net: Network, schedule: ScheduleConfig, pretrained: bool) -> 
     if schedule.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=0.9, weight_decay=schedule.weight_decay)
     return torch.optim.Adam(groups, weight_decay=schedule.weight_decay)
+
+
+def describe_schedule(s: ScheduleConfig) -> str:
+    """One line for a settings table: optimizer, learning rates, length, batch, head start."""
+    return (f"{s.optimizer}, lr {s.lr:g}" + (f" (encoder x{s.encoder_lr_factor:g})" if s.encoder_lr_factor < 1 else "")
+            + f", {s.epochs} epochs / {s.min_steps}-{s.max_steps or 'any'} steps, batch {s.batch_size}"
+            + (", head from the linear probe" if s.head_init == "probe" else ""))
 
 
 def total_steps(schedule: ScheduleConfig, n_train: int, world_size: int = 1) -> int:
@@ -327,11 +334,7 @@ def fit(net: Network, task: Task, images: Images, train_rows, train_targets, val
         if step in evals:
             evaluate(float(loss.item()))
         if ckpt_path is not None and (step in evals or stop):
-            states = [rng_state(generator)]
-            if env.world_size > 1:
-                gathered = [None] * env.world_size
-                dist.all_gather_object(gathered, states[0])
-                states = gathered
+            states = gather_rng_states(env, generator)
             if env.is_main:
                 save_atomic({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
                              "best_score": best_score, "best_step": best_step, "best_state": best_state,

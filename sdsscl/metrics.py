@@ -323,6 +323,14 @@ class LabelEfficiency:
     lower_bound: bool = False
     upper_bound: bool = False
 
+    def __str__(self) -> str:
+        """As a table prints it: "≥ 16" (never reached), "≤ 0.25" (reached at once), or "3.1"."""
+        if self.lower_bound:
+            return f"≥ {self.bound:.3g}"
+        if self.upper_bound:
+            return f"≤ {self.bound:.3g}"
+        return f"{self.factor:.3g}"
+
 
 def label_efficiency(counts_supervised, metric_supervised, count_other: float, metric_other: float,
                      higher_is_better: bool) -> LabelEfficiency:

@@ -136,6 +136,16 @@ def rng_state(generator: torch.Generator) -> dict:
     return state
 
 
+def gather_rng_states(env: DistEnv, generator: torch.Generator) -> list[dict]:
+    """Every process's random states (rank order), for a checkpoint that resumes each rank exactly."""
+    states = [rng_state(generator)]
+    if env.world_size > 1:
+        gathered = [None] * env.world_size
+        dist.all_gather_object(gathered, states[0])
+        states = gathered
+    return states
+
+
 def set_rng_state(state: dict, generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
@@ -312,11 +322,7 @@ def pretrain(cfg: PretrainConfig, augment: AugmentConfig, data, out_dir, mad=Non
         os.replace(tmp, out_dir / "config.json")
 
     def save(epoch_for_resume: int) -> None:
-        states = [rng_state(generator)]
-        if env.world_size > 1:
-            gathered = [None] * env.world_size
-            dist.all_gather_object(gathered, states[0])
-            states = gathered
+        states = gather_rng_states(env, generator)
         if env.is_main:
             save_atomic({
                 "epoch": epoch_for_resume, "step": step, "arch": cfg.encoder.arch,

@@ -361,3 +361,11 @@ def test_label_efficiency_uses_running_best_envelope():
 def test_label_efficiency_rejects_bad_curves(counts, metric, match):
     with pytest.raises(ValueError, match=match):
         label_efficiency(counts, metric, 1, 0.5, True)
+
+
+def test_label_efficiency_prints_bounds_as_a_table_shows_them():
+    from sdsscl.metrics import LabelEfficiency
+
+    assert str(LabelEfficiency(math.inf, 16.0, lower_bound=True)) == "≥ 16"
+    assert str(LabelEfficiency(0.25, 0.25, upper_bound=True)) == "≤ 0.25"
+    assert str(LabelEfficiency(3.14159, 3.14159)) == "3.14"
