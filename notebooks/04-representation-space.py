@@ -318,7 +318,7 @@ Markdown(f"On this run ({here}), the representation map predicts {len(better)} o
 queries = example_queries(survey, rcfg.stationarity_galaxies, cfg.seed, crop_size=crop)
 images = torch.stack([survey[int(i)]["image"] for i in queries])  # (G, 5, 107, 107)
 mad = training_mad(cfg, paths, survey)
-encoder, _ = load_encoder(paths.checkpoints / "moco" / "checkpoint.pth.tar", cfg.pretrain.encoder)
+encoder, _ = load_encoder(paths.moco_checkpoint, cfg.pretrain.encoder)
 copies, sweeps = {}, {}
 for kind in STATIONARITY_KINDS:
     copies[kind], sweeps[kind] = augmented_copies(images, kind, mad=mad, seed=cfg.seed, crop_size=crop,

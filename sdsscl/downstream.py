@@ -514,7 +514,7 @@ def labelled_data(profile: Profile, paths, deredden: bool, columns: Sequence[str
 
 
 def moco_checkpoint(paths) -> Path:
-    ckpt = paths.checkpoints / "moco" / "checkpoint.pth.tar"
+    ckpt = paths.moco_checkpoint
     if not ckpt.exists():
         raise FileNotFoundError(f"no pretrained encoder at {ckpt}: run the pretraining first "
                                 f"(scripts/pretrain.py or notebook 03-moco)")

@@ -59,6 +59,11 @@ class RunPaths:
         return self.root / "checkpoints"
 
     @property
+    def moco_checkpoint(self) -> Path:
+        """The run's pretrained MoCo checkpoint (``scripts/pretrain.py`` writes it)."""
+        return self.checkpoints / "moco" / "checkpoint.pth.tar"
+
+    @property
     def representations(self) -> Path:
         return self.root / "representations"
 

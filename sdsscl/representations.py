@@ -487,16 +487,11 @@ def run_extraction(profile, runs_dir=None, checkpoint=None, device: str | None =
     takes its share (:func:`extract_representations`).
     """
     from .checkpoint import load_encoder
-    from .provenance import ensure_mock, run_paths
-    from .train import barrier, init_distributed
+    from .train import prepare_run
 
-    paths = run_paths(profile, runs_dir)
-    env = init_distributed(device)
-    if profile.mock is not None and env.is_main:
-        ensure_mock(profile, paths, progress=progress)
-    barrier(env)
+    paths, env = prepare_run(profile, runs_dir, device, progress)
     dataset = profile_dataset(profile, paths)
-    ckpt = Path(checkpoint) if checkpoint is not None else paths.checkpoints / "moco" / "checkpoint.pth.tar"
+    ckpt = Path(checkpoint) if checkpoint is not None else paths.moco_checkpoint
     encoder, report = load_encoder(ckpt, profile.pretrain.encoder)
     log.info("encoder: %s", report)
     cfg = profile.representations

@@ -386,6 +386,19 @@ def pretrain(cfg: PretrainConfig, augment: AugmentConfig, data, out_dir, mad=Non
     return ckpt_path
 
 
+def prepare_run(profile, runs_dir=None, device: str | None = None, progress: bool = True):
+    """A profile's run folder and this process's place in it: joins the process group, and
+    on rank 0 makes sure the mock survey is there (the other ranks wait). Returns (paths, env)."""
+    from .provenance import ensure_mock, run_paths
+
+    paths = run_paths(profile, runs_dir)
+    env = init_distributed(device)
+    if profile.mock is not None and env.is_main:
+        ensure_mock(profile, paths, progress=progress)
+    barrier(env)
+    return paths, env
+
+
 def run_pretraining(profile, runs_dir=None, resume: bool | str = False, device: str | None = None,
                     max_steps: int | None = None, progress: bool = True) -> Path:
     """Pretrain with a profile's settings on its data, into ``runs/<profile>/checkpoints/moco``.
@@ -394,13 +407,9 @@ def run_pretraining(profile, runs_dir=None, resume: bool | str = False, device: 
     the profile's unlabelled and labelled files (the mock holds both), the noise scale is the
     run's cached per-band MAD.
     """
-    from .provenance import data_files, ensure_mock, run_paths, training_mad
+    from .provenance import data_files, training_mad
 
-    paths = run_paths(profile, runs_dir)
-    env = init_distributed(device)
-    if profile.mock is not None and env.is_main:
-        ensure_mock(profile, paths, progress=progress)
-    barrier(env)
+    paths, env = prepare_run(profile, runs_dir, device, progress)
     files = data_files(profile, paths)
     survey = sorted(set(files["unlabelled"]) | set(files["labelled"]))
     mad = main_first(env, lambda: training_mad(profile, paths, SurveyDataset(survey)))
