@@ -216,13 +216,6 @@ def test_missing_pretraining_is_a_clear_error(tmp_path):
         ds.moco_checkpoint(run_paths(prof, tmp_path))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_fit_worker(rank, world, port, out):
     import os
@@ -241,12 +234,12 @@ def _ddp_fit_worker(rank, world, port, out):
     dist.destroy_process_group()
 
 
-def test_two_process_gloo_fit_keeps_ranks_in_step(tmp_path):
+def test_two_process_gloo_fit_keeps_ranks_in_step(tmp_path, free_port):
     """Under torchrun every process trains on its share of each global batch and keeps the
     same weights; the checkpoint records both ranks' random states."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_fit_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_fit_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 
 import h5py
 import numpy as np
@@ -298,11 +297,6 @@ def test_merge_refuses_parts_of_different_results(survey, tmp_path, monkeypatch)
         merge_parts([part_path(other, 0, 2), part_path(out, 1, 2)], tmp_path / "merged.h5")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _rank_worker(rank, world, port, survey, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -314,12 +308,12 @@ def _rank_worker(rank, world, port, survey, out):
     dist.destroy_process_group()
 
 
-def test_two_process_gloo_extraction_equals_one_process(survey, tmp_path):
+def test_two_process_gloo_extraction_equals_one_process(survey, tmp_path, free_port):
     # one thread here (the autouse fixture) and in the workers: the same kernels, bit for bit
     single = extract_representations(tiny_encoder(), survey, tmp_path / "single.h5", batch_size=4,
                                      chunk=8, progress=False)
     out = tmp_path / "ddp.h5"
-    mp.spawn(_rank_worker, args=(2, _free_port(), str(survey), str(out)), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, free_port, str(survey), str(out)), nprocs=2, join=True)
     assert _same(out, single)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.h5", "single.h5", "survey.h5"]
 

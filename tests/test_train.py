@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 from dataclasses import replace
 
 import pytest
@@ -100,11 +99,6 @@ def test_bad_inputs_fail_before_training(mock, tmp_path):
         pretrain(other, mock, tmp_path / "d", progress=False, resume=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank, world, port, mock, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -117,8 +111,8 @@ def _ddp_worker(rank, world, port, mock, out):
     dist.destroy_process_group()
 
 
-def test_two_process_gloo_training_fills_queue_from_both_ranks(mock, tmp_path):
-    port = _free_port()
+def test_two_process_gloo_training_fills_queue_from_both_ranks(mock, tmp_path, free_port):
+    port = free_port
     mp.spawn(_ddp_worker, args=(2, port, str(mock), str(tmp_path / "ddp")), nprocs=2, join=True)
     ck = load_safe(tmp_path / "ddp" / "checkpoint.pth.tar")
     queue = ck["state_dict"]["module.queue"]
