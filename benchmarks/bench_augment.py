@@ -9,6 +9,7 @@ scikit-image (reddening multiply, ``scipy.ndimage.gaussian_filter`` per band,
 
     .venv/bin/python benchmarks/bench_augment.py                    # CPU
     .venv/bin/python benchmarks/bench_augment.py --device cuda      # GPU (reference still on CPU)
+    .venv/bin/python benchmarks/bench_augment.py --device cuda --batch-size 256 1024 4096
 
 Views/s counts augmented 64x64 views (two per image per call). Timings on a shared machine vary
 with its load, which the script prints: torch's multi-threaded CPU kernels stall whenever another
@@ -105,6 +106,35 @@ def time_torch(views: TwoViews, batch: torch.Tensor, repeats: int, warmup: int, 
     return times
 
 
+def profile_calls(views: TwoViews, batch: torch.Tensor, seed: int, calls: int = 20) -> None:
+    """Where one two-view call spends its time: drawing the parameters (host) against applying
+    them, then the torch operations with the most host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(seed)
+    cuda = batch.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(5):
+        views(batch, gen)
+    sync()
+    t0 = time.perf_counter()
+    params = [views.sample(batch.shape[0], gen, device=batch.device) for _ in range(calls)]
+    sync()
+    t1 = time.perf_counter()
+    for p in params:
+        views.apply(batch, p)
+    sync()
+    t2 = time.perf_counter()
+    print(f"\nper call of {batch.shape[0]} images (best set): drawing {1e3 * (t1 - t0) / calls:.3f} ms, "
+          f"applying {1e3 * (t2 - t1) / calls:.3f} ms")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            views(batch, gen)
+        sync()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
 def machine(device: torch.device) -> dict[str, str]:
     cpu = platform.processor() or ""
     if not cpu and os.path.exists("/proc/cpuinfo"):
@@ -125,7 +155,8 @@ def machine(device: torch.device) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per call (default: 256)")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[256],
+                        help="images per call; several sizes give one row each (default: 256)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per pipeline (default: 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: 3)")
     parser.add_argument("--ref-images", type=int, default=128,
@@ -133,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ref-repeats", type=int, default=3, help="timed reference passes (default: 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=2021)
+    parser.add_argument("--profile", action="store_true",
+                        help="also split one call into drawing and applying, and list the costliest "
+                             "torch operations (torch.profiler), at the first batch size")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,36 +174,42 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device")
 
-    images = make_batch(args.batch_size, args.seed)
+    sizes = args.batch_size
+    images = make_batch(max(sizes), args.seed)
     mad = mad_per_band(images)
-    batch = torch.from_numpy(images).to(device)
+    full = torch.from_numpy(images).to(device)
 
-    print(f"Two-view augmentation throughput: {args.batch_size} x 5 x {CUTOUT_SIZE} x {CUTOUT_SIZE} "
-          f"-> 2 x {CROP_SIZE} x {CROP_SIZE}, float32")
+    print(f"Two-view augmentation throughput: B x 5 x {CUTOUT_SIZE} x {CUTOUT_SIZE} "
+          f"-> 2 x {CROP_SIZE} x {CROP_SIZE}, float32, B = {', '.join(map(str, sizes))}")
     for key, value in machine(device).items():
         print(f"  {key:22s} {value}")
     print(f"  {'per-band MAD (nmgy)':22s} {np.array2string(mad, precision=4)}")
     print()
     rows = []
-    n_ref = min(args.ref_images, args.batch_size)
+    n_ref = min(args.ref_images, max(sizes))
     for label, names in (("best set (no PSF)", BEST_AUGMENTATIONS), ("all five (with PSF)", AUGMENTATIONS)):
         views = TwoViews(AugmentationPipeline(names, mad=mad))
-        ours = 2 * args.batch_size / np.array(time_torch(views, batch, args.repeats, args.warmup, args.seed))
         ref = 2 * n_ref / np.array(time_reference(images[:n_ref], mad, "psf" in names, args.ref_repeats, args.seed))
-        rows.append((label, np.median(ours), ours.max(), np.median(ref), ref.max()))
-    header = (f"{'pipeline':21s} {'sdsscl views/s':>15s} {'(best)':>9s} {'reference views/s':>18s} "
-              f"{'(best)':>8s} {'ratio':>7s} {'(best)':>7s}")
+        for size in sizes:
+            batch = full[:size].contiguous()
+            ours = 2 * size / np.array(time_torch(views, batch, args.repeats, args.warmup, args.seed))
+            rows.append((label, size, np.median(ours), ours.max(), np.median(ref), ref.max()))
+    header = (f"{'pipeline':21s} {'B':>5s} {'sdsscl views/s':>15s} {'(best)':>10s} {'reference views/s':>18s} "
+              f"{'(best)':>8s} {'ratio':>8s} {'(best)':>8s}")
     print(header)
     print("-" * len(header))
-    for label, ours, ours_best, ref, ref_best in rows:
-        print(f"{label:21s} {ours:15,.0f} {ours_best:9,.0f} {ref:18,.0f} {ref_best:8,.0f} "
-              f"{ours / ref:6.1f}x {ours_best / ref_best:6.1f}x")
+    for label, size, ours, ours_best, ref, ref_best in rows:
+        print(f"{label:21s} {size:5d} {ours:15,.0f} {ours_best:10,.0f} {ref:18,.0f} {ref_best:8,.0f} "
+              f"{ours / ref:7.1f}x {ours_best / ref_best:7.1f}x")
+    if args.profile:
+        profile_calls(TwoViews(AugmentationPipeline(BEST_AUGMENTATIONS, mad=mad)), full[:sizes[0]].contiguous(),
+                      args.seed)
     print()
     print(f"views/s: 64x64 views produced per second (2 per image), median over calls and best call;\n"
-          f"ratio: sdsscl / reference. sdsscl: {device.type}, {args.repeats} calls of {args.batch_size} images after "
-          f"{args.warmup} warm-up calls. reference: numpy/scikit-image, one image at a time in one process,\n"
-          f"{n_ref} images x 2 views, {args.ref_repeats} passes. Load average after the run: "
-          f"{os.getloadavg()[0]:.2f} (shared machine).")
+          f"ratio: sdsscl / reference. sdsscl: {device.type}, {args.repeats} calls per batch size after "
+          f"{args.warmup} warm-up calls, parameters drawn (on the CPU) in every call. reference: "
+          f"numpy/scikit-image on the CPU,\none image at a time in one process, {n_ref} images x 2 views, "
+          f"{args.ref_repeats} passes. Load average after the run: {os.getloadavg()[0]:.2f}.")
 
 
 if __name__ == "__main__":

@@ -66,15 +66,17 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .constants import (
     CROP_SIZE,
+    CUTOUT_SIZE,
     MAX_JITTER,
     N_BANDS,
     PIXEL_SCALE,
@@ -421,19 +423,31 @@ class PSFBlur(Augmentation):
         sigma_r = (sigma_r * self.sigma_r_arcsec).float()                           # (B,) arcsec
         return PSFParams(sigma_r=_to_device(sigma_r, device), radius=self.radius(sigma_r))
 
-    def _plan(self, params: PSFParams, device: torch.device, n: int) -> tuple[Tensor, int, list]:
-        """Per-(image, band) kernels (B, 5, 2R+1) at the batch half-width R, and the blocks to
-        blur: ``[(slice, r)]``. On the CPU, blocks of a few images (cache-sized), each truncated
-        at the half-width its widest kernel needs; elsewhere one block."""
+    def kernels(self, params: PSFParams) -> tuple[Tensor, int]:
+        """Per-(image, band) kernels (B, 5, 2R+1), float64 (float32 on MPS), on the parameters'
+        device, and the batch half-width R."""
         radius = params.radius if params.radius is not None else self.radius(params.sigma_r)
+        n = params.sigma_r.shape[0]
         sigma = self.sigma_pixels(params.sigma_r)                                   # (B, 5) px
-        kernels = discrete_gaussian_kernels(sigma.reshape(-1), radius).reshape(n, N_BANDS, 2 * radius + 1)
-        blocks = _blocks(n, device, _CPU_BLUR_CHUNK)
-        if len(blocks) == 1 or radius == 0:
-            return kernels, radius, [(blk, radius) for blk in blocks]
-        widest = torch.stack([sigma[blk].max() for blk in blocks])                 # (n_blocks,)
+        return discrete_gaussian_kernels(sigma.reshape(-1), radius).reshape(n, N_BANDS, 2 * radius + 1), radius
+
+    def blocks(self, params: PSFParams, device: torch.device, radius: int) -> list[tuple[Tensor | slice, int]]:
+        """The images to blur together, each block with the half-width it needs: ``[(index, r)]``.
+
+        On other devices than the CPU, the whole batch at the batch half-width. On the CPU, blocks
+        of a few images (cache-sized) **sorted by PSF width**, so that most blocks need a short
+        kernel (the half-normal draws are mostly narrow; a block of random images would need the
+        half-width of its widest); ``index`` is then a long tensor of image indices.
+        """
+        n = params.sigma_r.shape[0]
+        if device.type != "cpu" or radius == 0 or n <= _CPU_BLUR_CHUNK:
+            return [(slice(0, n), radius)]
+        sigma_r = params.sigma_r.detach().cpu()
+        order = torch.argsort(sigma_r, stable=True)                                 # narrow first
+        index = [order[i:i + _CPU_BLUR_CHUNK] for i in range(0, n, _CPU_BLUR_CHUNK)]
+        widest = self.sigma_pixels(torch.stack([sigma_r[i].max() for i in index])).max(dim=1).values
         block_radius = discrete_gaussian_radius(widest, self.tail).clamp_max(radius).tolist()
-        return kernels, radius, list(zip(blocks, block_radius))
+        return list(zip(index, block_radius))
 
     @staticmethod
     def _blur_block(x: Tensor, kernels: Tensor, radius: int, r: int, out: Tensor | None = None) -> Tensor:
@@ -455,12 +469,16 @@ class PSFBlur(Augmentation):
         _check_batch("PSFBlur", batch)
         _check_params_batch("PSFBlur", batch, params.sigma_r.shape[0])
         x = batch.to(_compute_dtype(batch.dtype))
-        kernels, radius, blocks = self._plan(params, x.device, x.shape[0])
+        kernels, radius = self.kernels(params)
         if radius == 0:                                       # no kernel moves `tail` of the flux
             return batch.clone()
+        kernels = kernels.to(x.device)
         out = torch.empty_like(x)                                                   # (B, 5, H, W)
-        for blk, r in blocks:
-            self._blur_block(x[blk], kernels[blk], radius, r, out=out[blk])
+        for blk, r in self.blocks(params, x.device, radius):
+            if isinstance(blk, slice):
+                self._blur_block(x[blk], kernels[blk], radius, r, out=out[blk])
+            else:
+                out.index_copy_(0, blk, self._blur_block(_take(x, blk), _take(kernels, blk), radius, r))
         return out.to(batch.dtype)
 
 
@@ -497,6 +515,17 @@ def _dyadic_frame(size: int) -> int:
     return (1 << max(1, (size - 1 - 1).bit_length())) + 1
 
 
+def _take(t: Tensor, blk: slice | Tensor) -> Tensor:
+    """Rows ``blk`` of ``t``: a view for a slice, a contiguous gather (``index_select``, a row-wise
+    copy, much faster than advanced indexing on the CPU) for an index tensor."""
+    return t[blk] if isinstance(blk, slice) else t.index_select(0, blk)
+
+
+def _block_len(blk: slice | Tensor, n: int) -> int:
+    """Number of images in a block given as a slice of an n-image batch or as an index tensor."""
+    return len(range(*blk.indices(n))) if isinstance(blk, slice) else int(blk.numel())
+
+
 def _blocks(n: int, device: torch.device, size: int) -> list[slice]:
     """Image blocks: cache-sized on the CPU, the whole batch on other devices."""
     if device.type != "cpu":
@@ -525,44 +554,65 @@ class _Frame:
         """The (n, 5, H, W) window where the first n images go (margins stay zero)."""
         return self.buffer[:n, :, self.pad_y:self.pad_y + self.h, self.pad_x:self.pad_x + self.w]
 
-    def coefficients(self, angle: Tensor, dy: Tensor, dx: Tensor, out_h: int, out_w: int,
-                     top0: int, left0: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The sampling grid of every image, as the four float64 terms it is the sum of:
-        ``grid_x = gx_u (B, 1, Wo) + gx_v (B, Ho, 1)``, ``grid_y = gy_u + gy_v``."""
-        h, w = self.h, self.w
-        gdt = torch.float32 if angle.device.type == "mps" else torch.float64
-        cy, cx = (h - 1) / 2, (w - 1) / 2
-        cos, sin = torch.cos(angle.to(gdt)), torch.sin(angle.to(gdt))             # (B,)
-        # Multiples of pi/2 (to float32 rounding of the angle, |error| < 1e-6 rad, under 1e-4 px
-        # at the corners) are made exact, so that they reproduce torch.rot90 bit for bit.
-        on_y, on_x = sin.abs() < 1e-6, cos.abs() < 1e-6
-        cos, sin = (torch.where(on_x, 0.0, torch.where(on_y, torch.sign(cos), cos)),
-                    torch.where(on_y, 0.0, torch.where(on_x, torch.sign(sin), sin)))
-        # Output pixel (i, j) is the point (Y, X) = (top + i, left + j) of the rotated image, which
-        # shows the input at (y, x), with u = X - cx, v = Y - cy:
-        #   x = cx + cos u - sin v,   y = cy + sin u + cos v     (counter-clockwise as displayed)
-        # then x -> framed pixel x + pad_x -> normalised (align_corners=True) n = x' / half - 1,
-        # computed in float64 so that whole-pixel positions round to exact float32 grid values.
-        half = (self.side - 1) / 2
-        ar = torch.arange(max(out_h, out_w), device=angle.device, dtype=gdt)
-        u = (left0 + dx.to(gdt))[:, None] + ar[None, :out_w] - cx                 # (B, Wo)
-        v = (top0 + dy.to(gdt))[:, None] + ar[None, :out_h] - cy                  # (B, Ho)
-        gx_u = (cos[:, None] * u / half)[:, None, :]                               # (B, 1, Wo)
-        gx_v = ((cx + self.pad_x - sin[:, None] * v) / half - 1.0)[:, :, None]    # (B, Ho, 1)
-        gy_u = (sin[:, None] * u / half)[:, None, :]                               # (B, 1, Wo)
-        gy_v = ((cy + self.pad_y + cos[:, None] * v) / half - 1.0)[:, :, None]    # (B, Ho, 1)
-        return gx_u, gx_v, gy_u, gy_v
-
-    def resample(self, coefficients: tuple[Tensor, Tensor, Tensor, Tensor], blk: slice) -> Tensor:
-        """Rotate and crop the framed images of block ``blk`` (placed in the first n slots):
-        one ``grid_sample`` call, (n, 5, Ho, Wo)."""
-        gx_u, gx_v, gy_u, gy_v = (t[blk] for t in coefficients)
-        n, out_h, out_w = gx_v.shape[0], gx_v.shape[1], gx_u.shape[2]
+    def resample(self, affine: Tensor, out_h: int, out_w: int) -> Tensor:
+        """Rotate and crop the n framed images (placed in the first n slots) with their sampling
+        maps ``affine`` (n, 2, 3) (see :func:`_affine`): one ``grid_sample`` call, (n, 5, Ho, Wo)."""
+        n = affine.shape[0]
         grid = torch.empty(n, out_h, out_w, 2, device=self.buffer.device, dtype=self.buffer.dtype)
-        torch.add(gx_u, gx_v, out=grid[..., 0])                                    # (n, Ho, Wo)
-        torch.add(gy_u, gy_v, out=grid[..., 1])
+        if affine.device.type == "cpu":               # two broadcast sums per axis, cache-friendly
+            j = _pixel_grid(1, out_w, affine.device, affine.dtype)[0].reshape(1, 1, out_w)
+            i = _pixel_grid(out_h, 1, affine.device, affine.dtype)[1].reshape(1, out_h, 1)
+            for axis in range(2):
+                a = affine[:, axis, :, None, None]                                   # (n, 3, 1, 1)
+                torch.add(a[:, 0] * j, a[:, 1] * i + a[:, 2], out=grid[..., axis])   # (n, Ho, Wo)
+        else:                                         # one GEMM and one rounding copy
+            base = _pixel_grid(out_h, out_w, affine.device, affine.dtype)            # (3, Ho*Wo)
+            coords = (affine.reshape(n * 2, 3) @ base).reshape(n, 2, out_h, out_w)
+            grid.permute(0, 3, 1, 2).copy_(coords)
         return F.grid_sample(self.buffer[:n], grid, mode="bilinear", padding_mode="zeros",
                              align_corners=True)                                   # (n, 5, Ho, Wo)
+
+
+@lru_cache(maxsize=16)
+def _pixel_grid(out_h: int, out_w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Rows ``(j, i, 1)`` of every output pixel (row i, column j) as the columns of a (3, Ho*Wo)
+    matrix, cached per device."""
+    i, j = torch.meshgrid(torch.arange(out_h, dtype=dtype), torch.arange(out_w, dtype=dtype), indexing="ij")
+    return torch.stack([j.reshape(-1), i.reshape(-1), torch.ones(out_h * out_w, dtype=dtype)]).to(device)
+
+
+def _affine(angle: Tensor, dy: Tensor, dx: Tensor, h: int, w: int, out_h: int, out_w: int,
+            top0: int, left0: int) -> Tensor:
+    """The map from output pixel ``(j, i, 1)`` to the normalised ``grid_sample`` coordinates
+    ``(x, y)`` in the dyadic frame around an ``h x w`` image, per image: (B, 2, 3) float64 on the
+    CPU (computed with numpy: a few dozen operations on B numbers, which cost more as torch
+    operations than the whole resampling on a GPU; inputs on a GPU are read back).
+
+    Output pixel (i, j) is the point (Y, X) = (top + i, left + j) of the rotated image, which shows
+    the input at (y, x), with u = X - cx, v = Y - cy (counter-clockwise as displayed)::
+
+        x = cx + cos u - sin v,   y = cy + sin u + cos v
+
+    then x -> framed pixel x + pad_x -> normalised n = x' / half - 1 (``align_corners=True``). With
+    the frame's ``half = 2**(k-1)``, whole-pixel positions are dyadic numbers, exact in float64 and
+    in the float32 grid.
+    """
+    angle, dy, dx = (np.asarray(t.detach().cpu(), dtype=np.float64) for t in (angle, dy, dx))
+    side = _dyadic_frame(max(h, w))
+    pad_y, pad_x, half = (side - h) // 2, (side - w) // 2, (side - 1) / 2
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    cos, sin = np.cos(angle), np.sin(angle)                                        # (B,)
+    # Multiples of pi/2 (to float32 rounding of the angle, |error| < 1e-6 rad, under 1e-4 px at
+    # the corners) are made exact, so that they reproduce torch.rot90 bit for bit.
+    on_y, on_x = np.abs(sin) < 1e-6, np.abs(cos) < 1e-6
+    cos, sin = (np.where(on_x, 0.0, np.where(on_y, np.sign(cos), cos)),
+                np.where(on_y, 0.0, np.where(on_x, np.sign(sin), sin)))
+    u0 = left0 + dx - cx                                                           # u at j = 0
+    v0 = top0 + dy - cy                                                            # v at i = 0
+    x0 = (cx + pad_x + cos * u0 - sin * v0) / half - 1.0
+    y0 = (cy + pad_y + sin * u0 + cos * v0) / half - 1.0
+    affine = np.stack([cos / half, -sin / half, x0, sin / half, cos / half, y0], axis=-1)
+    return torch.from_numpy(affine.reshape(-1, 2, 3))
 
 
 def _crop_geometry(h: int, w: int, crop_size: int | None) -> tuple[int, int, int, int]:
@@ -601,14 +651,13 @@ def rotate_crop(batch: Tensor, angle: Tensor | None, shifts: Tensor | None,
     x = batch.to(_compute_dtype(batch.dtype))
     if b == 0:
         return batch.new_empty(0, c, out_h, out_w)
-    angle = angle.to(batch.device)
+    affine = _affine(angle, dy, dx, h, w, out_h, out_w, top0, left0).to(x.device)  # (B, 2, 3)
     blocks = _blocks(b, x.device, _CPU_GEOMETRY_CHUNK)
     frame = _Frame(blocks[0].stop - blocks[0].start, h, w, x.device, x.dtype)
     out = x.new_empty(b, c, out_h, out_w)                                        # (B, 5, Ho, Wo)
-    coefficients = frame.coefficients(angle, dy, dx, out_h, out_w, top0, left0)
     for blk in blocks:
         frame.inside(blk.stop - blk.start).copy_(x[blk])
-        out[blk] = frame.resample(coefficients, blk)
+        out[blk] = frame.resample(affine[blk], out_h, out_w)
     return out.to(batch.dtype)
 
 
@@ -818,13 +867,105 @@ class GaussianNoise(Augmentation):
 # ----------------------------------------------------------------------------- composition
 @dataclass
 class AugmentationParams:
-    """The parameters of one pipeline view; None for the augmentations not in use."""
+    """The parameters of one pipeline view; None for the augmentations not in use.
+
+    ``AugmentationPipeline.sample`` also attaches what ``apply`` derives from them (the sampling
+    maps, the band factors, the PSF kernels), computed on the CPU where they were drawn and moved
+    to the device together with them. Treat drawn parameters as read-only: to change one, assign
+    a new parameter object (``params.rotate = RotationParams(angle=...)``); ``apply`` then derives
+    afresh what depends on it.
+    """
 
     reddening: ReddeningParams | None = None
     psf: PSFParams | None = None
     rotate: RotationParams | None = None
     jitter_crop: JitterParams | None = None
     noise: NoiseParams | None = None
+    plan: _ViewPlan | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass
+class _ViewPlan:
+    """What ``AugmentationPipeline.apply`` needs beyond the images, for ``size = (H, W)`` inputs
+    computed in ``dtype``: affine (B, 2, 3) float64 sampling maps (None without rotation), factor
+    (B, 5) reddening flux factors, gamma (B, 5) noise standard deviations, kernels (B, 5, 2R+1)
+    float64 PSF kernels and their half-width R. ``sources`` are the parameter objects it was
+    derived from."""
+
+    sources: tuple
+    size: tuple[int, int]
+    dtype: torch.dtype
+    affine: Tensor | None = None
+    factor: Tensor | None = None
+    gamma: Tensor | None = None
+    kernels: Tensor | None = None
+    radius: int = 0
+
+
+def _sources(params: AugmentationParams) -> tuple:
+    return tuple(getattr(params, name) for name in AUGMENTATIONS)
+
+
+def _plan_matches(params: AugmentationParams) -> bool:
+    """Whether the attached plan was derived from these very parameter objects."""
+    return params.plan is not None and all(a is b for a, b in zip(params.plan.sources, _sources(params)))
+
+
+def _move_params(views: list[AugmentationParams], device: torch.device | str) -> list[AugmentationParams]:
+    """:func:`_move_to` for view parameters, keeping each valid plan linked to the moved objects."""
+    valid = [_plan_matches(p) for p in views]
+    moved = _move_to(views, device)
+    for new, old, ok in zip(moved, views, valid):
+        if ok and new is not old:
+            new.plan.sources = _sources(new)
+    return moved
+
+
+def _move_to(objects: list, device: torch.device | str) -> list:
+    """Copies of the dataclass objects (nested ones included) with every tensor on ``device``.
+
+    On CUDA all tensors travel in one pinned, non-blocking host-to-device copy per dtype (a
+    handful of copies per batch instead of one per parameter), then are split into views.
+    """
+    device = torch.device(device)
+    leaves: list[Tensor] = []
+
+    def collect(obj) -> None:
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, Tensor):
+                leaves.append(value)
+            elif is_dataclass(value):
+                collect(value)
+
+    for obj in objects:
+        collect(obj)
+    if all(t.device == device for t in leaves):
+        return objects
+    moved: dict[int, Tensor] = {}
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for k, t in enumerate(leaves):
+        by_dtype.setdefault(t.dtype, []).append(k)
+    for dtype, ks in by_dtype.items():
+        flat = torch.cat([leaves[k].detach().reshape(-1).cpu() for k in ks])
+        if device.type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(device, non_blocking=device.type == "cuda")
+        for k, part in zip(ks, flat.split([leaves[k].numel() for k in ks])):
+            moved[k] = part.view(leaves[k].shape)
+    order = iter(range(len(leaves)))
+
+    def rebuild(obj):
+        changes = {}
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, Tensor):
+                changes[f.name] = moved[next(order)]
+            elif is_dataclass(value):
+                changes[f.name] = rebuild(value)
+        return replace(obj, **changes)
+
+    return [rebuild(obj) for obj in objects]
 
 
 class AugmentationPipeline:
@@ -878,12 +1019,56 @@ class AugmentationPipeline:
                       if "noise" in names else None)
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> AugmentationParams:
-        """Draw every active augmentation's parameters, in pipeline order, from ``generator``."""
+               device: torch.device | str = "cpu", image_size: int | tuple[int, int] = CUTOUT_SIZE
+               ) -> AugmentationParams:
+        """Draw every active augmentation's parameters, in pipeline order, from ``generator``.
+
+        What ``apply`` derives from them for ``image_size`` inputs (default: the 107-pixel
+        cutouts) is computed here on the CPU and travels to ``device`` with them in one copy per
+        dtype, so that ``apply`` on a GPU is a handful of kernels. Other image sizes work too;
+        ``apply`` then derives it on the device.
+        """
+        return _move_params([self._draw(batch_size, generator, image_size)], device)[0]
+
+    def _draw(self, batch_size: int, generator: torch.Generator | None,
+              image_size: int | tuple[int, int]) -> AugmentationParams:
+        """Parameters and their plan, on the CPU."""
         params = AugmentationParams()
         for name in self.names:
-            setattr(params, name, getattr(self, name).sample(batch_size, generator, device))
+            setattr(params, name, getattr(self, name).sample(batch_size, generator, "cpu"))
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        params.plan = self._derive(params, int(h), int(w), torch.float32)
         return params
+
+    def _derive(self, params: AugmentationParams, h: int, w: int, dtype: torch.dtype) -> _ViewPlan:
+        """The view's plan for (h, w) images computed in ``dtype``, with torch operations on the
+        parameters' device (the CPU when called from ``sample``)."""
+        plan = _ViewPlan(sources=_sources(params), size=(h, w), dtype=dtype)
+        device = next((t.device for p in plan.sources if p is not None
+                       for t in vars(p).values() if isinstance(t, Tensor)), torch.device("cpu"))
+        like = torch.empty(0, dtype=dtype, device=device)
+        if self.rotate is not None:
+            out_h, out_w, top0, left0 = _crop_geometry(h, w, self.crop_size)
+            dy, dx = _split_shifts(params.jitter_crop.shifts if self.jitter_crop else None,
+                                   params.rotate.angle.shape[0], like.device)
+            plan.affine = _affine(params.rotate.angle, dy, dx, h, w, out_h, out_w, top0, left0)
+        if self.reddening is not None:
+            plan.factor = self.reddening.factors(params.reddening.ebv, like)               # (B, 5)
+        if self.noise is not None:
+            plan.gamma = self.noise.scale(params.noise.level, like)                        # (B, 5)
+        if self.psf is not None:
+            plan.kernels, plan.radius = self.psf.kernels(params.psf)                        # (B, 5, K)
+        return plan
+
+    def _plan_for(self, params: AugmentationParams, batch: Tensor) -> _ViewPlan:
+        """The attached plan if it was made from these parameter objects for this image size and
+        precision; otherwise one derived now."""
+        h, w = batch.shape[-2:]
+        plan = params.plan
+        if _plan_matches(params) and plan.size == (h, w) and plan.dtype == _compute_dtype(batch.dtype):
+            return plan
+        dtype = _compute_dtype(batch.dtype)
+        return self._derive(params, h, w, dtype)
 
     def apply(self, batch: Tensor, params: AugmentationParams) -> Tensor:
         """(B, 5, H, W) -> (B, 5, crop_size, crop_size).
@@ -910,51 +1095,54 @@ class AugmentationPipeline:
         out_h, out_w, top0, left0 = _crop_geometry(h, w, s)
         if self.jitter_crop is not None:
             _check_shifts("AugmentationPipeline", params.jitter_crop.shifts, self.jitter_crop.max_jitter)
-        dy, dx = _split_shifts(params.jitter_crop.shifts if self.jitter_crop else None, b, device)
-        angle = params.rotate.angle.to(device) if self.rotate else None
-        factor = self.reddening.factors(params.reddening.ebv.to(device), x) if self.reddening else None  # (B, 5)
+        plan = _move_to([self._plan_for(params, x)], device)[0]
         if self.noise is not None:                        # the same field GaussianNoise.apply draws
-            out = _noise_field((b, c, s, s), params.noise.seed, device).to(x.dtype)
-            gamma = self.noise.scale(params.noise.level.to(device), x)               # (B, 5)
+            out = _noise_field((b, c, s, s), params.noise.seed, device).to(x.dtype)      # (B, 5, S, S)
         else:
-            out, gamma = x.new_empty(b, c, s, s), None                              # (B, 5, S, S)
-        kernels, radius = None, 0
-        if self.psf is not None:
-            kernels, radius, blocks = self.psf._plan(params.psf, device, b)
-        if radius == 0:                                   # no PSF, or none that moves any flux
+            out = x.new_empty(b, c, s, s)
+        radius = plan.radius
+        if radius > 0:
+            blocks = self.psf.blocks(params.psf, device, radius)
+        else:                                             # no PSF, or none that moves any flux
             blocks = [(blk, 0) for blk in _blocks(b, device, _CPU_GEOMETRY_CHUNK)]
-        frame = coefficients = None
-        if angle is not None:
-            frame = _Frame(max(blk.stop - blk.start for blk, _ in blocks), h, w, device, x.dtype)
-            coefficients = frame.coefficients(angle, dy, dx, out_h, out_w, top0, left0)
+        frame = None
+        if plan.affine is not None:
+            frame = _Frame(min(b, max(_block_len(blk, b) for blk, _ in blocks)), h, w, device, x.dtype)
+        else:
+            dy, dx = _split_shifts(params.jitter_crop.shifts if self.jitter_crop else None, b, device)
         for blk, r in blocks:
-            src, n = x[blk], blk.stop - blk.start                                    # (n, 5, H, W)
+            src, n = _take(x, blk), _block_len(blk, b)                               # (n, 5, H, W)
             if frame is not None:                         # sky image into the frame, blurred or not
                 if radius > 0:
-                    self.psf._blur_block(src, kernels[blk], radius, r, out=frame.inside(n))
+                    self.psf._blur_block(src, _take(plan.kernels, blk), radius, r, out=frame.inside(n))
                 else:
                     frame.inside(n).copy_(src)
-                crop = frame.resample(coefficients, blk)                            # (n, 5, S, S)
+                crop = frame.resample(_take(plan.affine, blk), out_h, out_w)           # (n, 5, S, S)
             else:
                 if radius > 0:
-                    src = self.psf._blur_block(src, kernels[blk], radius, r)
-                crop = _integer_crop(src, top0 + dy[blk], left0 + dx[blk], s)        # (n, 5, S, S)
+                    src = self.psf._blur_block(src, _take(plan.kernels, blk), radius, r)
+                crop = _integer_crop(src, top0 + _take(dy, blk), left0 + _take(dx, blk), s)  # (n, 5, S, S)
             # Reddening (a per-band factor: it commutes with the linear steps above), then noise:
             # out = noise * gamma + crop * factor, in place in the noise field.
-            f = factor[blk][:, :, None, None] if factor is not None else None
-            if gamma is not None:
-                o = out[blk].mul_(gamma[blk][:, :, None, None])
+            f = _take(plan.factor, blk)[:, :, None, None] if plan.factor is not None else None
+            if plan.gamma is not None:
+                o = _take(out, blk).mul_(_take(plan.gamma, blk)[:, :, None, None])
                 if f is not None:
                     o.addcmul_(crop, f)
                 else:
                     o.add_(crop)
             else:
-                out[blk] = crop * f if f is not None else crop
+                o = crop * f if f is not None else crop
+            if not isinstance(blk, slice):                # a gathered block: write it back
+                out.index_copy_(0, blk, o)
+            elif plan.gamma is None:
+                out[blk] = o
         return out.to(batch.dtype)
 
     def __call__(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
         _check_batch("AugmentationPipeline", batch)
-        return self.apply(batch, self.sample(batch.shape[0], generator, device=batch.device))
+        return self.apply(batch, self.sample(batch.shape[0], generator, device=batch.device,
+                                             image_size=tuple(batch.shape[-2:])))
 
     def __repr__(self) -> str:
         return f"AugmentationPipeline(names={list(self.names)}, crop_size={self.crop_size})"
@@ -970,10 +1158,13 @@ class TwoViews:
         self.pipeline = pipeline
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> tuple[AugmentationParams, AugmentationParams]:
-        """Parameters of the query view, then of the key view."""
-        return (self.pipeline.sample(batch_size, generator, device),
-                self.pipeline.sample(batch_size, generator, device))
+               device: torch.device | str = "cpu", image_size: int | tuple[int, int] = CUTOUT_SIZE
+               ) -> tuple[AugmentationParams, AugmentationParams]:
+        """Parameters of the query view, then of the key view (moved to ``device`` together)."""
+        query = self.pipeline._draw(batch_size, generator, image_size)
+        key = self.pipeline._draw(batch_size, generator, image_size)
+        query, key = _move_params([query, key], device)
+        return query, key
 
     def apply(self, batch: Tensor, params: tuple[AugmentationParams, AugmentationParams]
               ) -> tuple[Tensor, Tensor]:
@@ -982,7 +1173,8 @@ class TwoViews:
     def __call__(self, batch: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(B, 5, H, W) -> (query, key), each (B, 5, 64, 64)."""
         _check_batch("TwoViews", batch)
-        return self.apply(batch, self.sample(batch.shape[0], generator, device=batch.device))
+        return self.apply(batch, self.sample(batch.shape[0], generator, device=batch.device,
+                                             image_size=tuple(batch.shape[-2:])))
 
     def __repr__(self) -> str:
         return f"TwoViews({self.pipeline!r})"

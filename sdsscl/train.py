@@ -59,14 +59,18 @@ def init_distributed(device: str | None = None) -> DistEnv:
 
     Without those variables (a plain ``python`` launch) this is a single process. The device is
     ``cuda:LOCAL_RANK`` when CUDA is available (unless ``device`` says otherwise), else the CPU;
-    the backend is NCCL on GPUs and gloo on CPUs.
+    ``device="cuda"`` without an index also means ``cuda:LOCAL_RANK``, so that
+    ``torchrun ... --device cuda`` puts each rank on its own GPU. The backend is NCCL on GPUs and
+    gloo on CPUs.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:          # "cuda": this process's own GPU
+        dev = torch.device("cuda", local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

@@ -440,20 +440,76 @@ def test_bad_inputs_raise_clear_errors():
         CenterCrop()(torch.zeros(1, 5, 107, 107, dtype=torch.int32))
 
 
+# ----------------------------------------------------------------------------- plan
+def test_sampled_plan_is_used_and_a_replaced_parameter_is_derived_afresh():
+    # sample() attaches what apply() derives (sampling maps, factors, kernels); apply uses it only
+    # while it belongs to the very parameter objects and image size it was made for.
+    x = random_batch(40)
+    pipe = AugmentationPipeline(AUGMENTATIONS, mad=MAD)
+    p = pipe.sample(40, gen(40))
+    assert pipe._plan_for(p, x) is p.plan
+    assert pipe._plan_for(p, random_batch(40, size=99)) is not p.plan            # other size
+    assert pipe._plan_for(p, x.double()) is not p.plan                           # other precision
+    expected = pipe.apply(x, p)
+    p.rotate = RotationParams(angle=p.rotate.angle + 0.5)                         # a new object
+    assert pipe._plan_for(p, x) is not p.plan
+    moved = pipe.apply(x, p)
+    steps = GalacticReddening().apply(x, p.reddening)
+    steps = PSFBlur().apply(steps, p.psf)
+    steps = JitterCrop().apply(RandomRotate().apply(steps, p.rotate), p.jitter_crop)
+    torch.testing.assert_close(moved, GaussianNoise(MAD).apply(steps, p.noise), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(moved, expected)
+
+
+def test_parameters_travel_together_and_keep_their_plan():
+    # Moving both views to another device (meta here: no GPU needed) moves every tensor, one copy
+    # per dtype, and keeps each plan linked to the moved parameter objects.
+    views = TwoViews(AugmentationPipeline(AUGMENTATIONS, mad=MAD))
+    q, k = views.sample(6, gen(41), device="meta")
+    for p in (q, k):
+        assert p.rotate.angle.device.type == "meta" and p.plan.affine.device.type == "meta"
+        assert p.plan.kernels.shape[:2] == (6, 5) and p.jitter_crop.shifts.dtype == torch.long
+        assert all(a is b for a, b in zip(p.plan.sources, (p.reddening, p.psf, p.rotate, p.jitter_crop, p.noise)))
+    q_cpu, _ = views.sample(6, gen(41))
+    assert torch.equal(q_cpu.rotate.angle, views.pipeline.sample(6, gen(41)).rotate.angle)
+
+
+def test_psf_blocks_are_sorted_by_width_and_cover_every_image_once():
+    psf = PSFBlur()
+    p = psf.sample(100, gen(42))
+    kernels, radius = psf.kernels(p)
+    blocks = psf.blocks(p, torch.device("cpu"), radius)
+    seen = torch.cat([blk for blk, _ in blocks])
+    assert sorted(seen.tolist()) == list(range(100))
+    widths = [float(p.sigma_r[blk].max()) for blk, _ in blocks]
+    assert widths == sorted(widths) and [r for _, r in blocks] == sorted(r for _, r in blocks)
+    assert blocks[0][1] < radius == blocks[-1][1]          # narrow blocks get shorter kernels
+    # The per-block truncation changes nothing beyond float32 resolution.
+    x = random_batch(100)
+    whole = torch.stack([psf._blur_block(x[i:i + 1], kernels[i:i + 1], radius, radius)[0] for i in range(100)])
+    torch.testing.assert_close(psf.apply(x, p), whole, rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_cpu_and_cuda_give_the_same_views():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    x = random_batch(8)
+    x = random_batch(40)
     pipe = AugmentationPipeline(("reddening", "psf", "rotate", "jitter_crop"))
-    p_cpu = pipe.sample(8, gen(26), device="cpu")
-    p_gpu = pipe.sample(8, gen(26), device="cuda")
+    p_cpu = pipe.sample(40, gen(26), device="cpu")
+    p_gpu = pipe.sample(40, gen(26), device="cuda")
     assert torch.equal(p_cpu.rotate.angle, p_gpu.rotate.angle.cpu())            # same draws
     assert torch.equal(p_cpu.jitter_crop.shifts, p_gpu.jitter_crop.shifts.cpu())
+    assert pipe._plan_for(p_gpu, x.cuda()) is p_gpu.plan          # the plan travelled with them
     out_cpu = pipe.apply(x, p_cpu)
     out_gpu = pipe.apply(x.cuda(), p_gpu)
     torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-5, atol=1e-5)
+    # Quarter turns are exact on the GPU too.
+    for k in range(4):
+        angle = torch.full((3,), k * math.pi / 2)
+        out = rotate_crop(x[:3].cuda(), angle.cuda(), None, crop_size=None)
+        assert torch.equal(out.cpu(), torch.rot90(x[:3], k, dims=(-2, -1)))
     # Noise: the same levels, a different field (CUDA generator), the same statistics.
     noise = GaussianNoise(MAD)
     pn = noise.sample(64, gen(27), device="cuda")
@@ -461,4 +517,4 @@ def test_cpu_and_cuda_give_the_same_views():
     expected = pn.level.double().cpu()[:, None] * torch.tensor(MAD, dtype=torch.float64)[None]
     torch.testing.assert_close(std, expected, rtol=0.06, atol=0)
     q, _ = TwoViews(AugmentationPipeline(AUGMENTATIONS, mad=MAD))(x.cuda().half(), gen(28))
-    assert q.dtype == torch.float16 and q.device.type == "cuda" and q.shape == (8, 5, 64, 64)
+    assert q.dtype == torch.float16 and q.device.type == "cuda" and q.shape == (40, 5, 64, 64)

@@ -245,3 +245,29 @@ def test_two_process_gloo_fit_keeps_ranks_in_step(tmp_path, free_port):
         assert torch.equal(a[k], b[k]), k
     ck = load_safe(tmp_path / "checkpoint.pth.tar")
     assert ck["step"] == 6 and len(ck["rng"]) == 2
+
+
+# --------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_fit_on_cuda_learns_and_resumes(tmp_path):
+    """The downstream loop on a GPU (bf16 autocast): it learns the toy signal, and a killed run
+    resumes to the same number of steps."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    images, p = _toy_images(96)
+    task = ds.morphology_task("smooth")
+    args = (task, images, np.arange(64), p[:64], np.arange(64, 96), p[64:96],
+            schedule(min_steps=30, max_steps=30, lr=0.05), AUGMENT)
+
+    def run(out, **kw):
+        torch.manual_seed(0)
+        return ds.fit(ds.Network(build_encoder(TINY), 32, 1), *args, pretrained=False, seed=4, out_dir=out,
+                      device="cuda", **kw)
+
+    whole = run(tmp_path / "whole")
+    assert next(whole.net.parameters()).device.type == "cuda"
+    pred = ds.predict(whole.net, task, images, np.arange(64, 96))
+    assert ((np.asarray(pred) >= 0.5) == (p[64:96] >= 0.5)).mean() >= 0.9
+    run(tmp_path / "cut", max_steps=10)
+    assert load_safe(tmp_path / "cut" / "checkpoint.pth.tar")["step"] == 10
+    assert run(tmp_path / "cut").steps == whole.steps == 30

@@ -355,3 +355,18 @@ def test_run_extraction_for_a_profile_skips_when_up_to_date(tmp_path):
     result, fig = find_similar(profile, [OBJID0 + 3, OBJID0 + 201], by="objid", k=3, runs_dir=tmp_path / "runs")
     assert result.indices.shape == (2, 3) and result.queries.tolist() == [11, 1]
     assert 11 not in result.indices[0] and len(fig.axes) == 2 * 4
+
+
+# --------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_extraction_on_cuda_matches_the_cpu(survey, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cpu = extract_representations(tiny_encoder(), survey, tmp_path / "cpu.h5", batch_size=8, chunk=16,
+                                  dtype="float32", progress=False)
+    gpu = extract_representations(tiny_encoder().cuda(), survey, tmp_path / "gpu.h5", batch_size=8, chunk=16,
+                                  dtype="float32", progress=False)
+    a, b = load_representations(cpu).vectors, load_representations(gpu).vectors
+    # float32 on both (cuDNN may use TF32 for convolutions: about 1e-3 relative)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.9999, cos.min()

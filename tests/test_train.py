@@ -123,3 +123,27 @@ def test_two_process_gloo_training_fills_queue_from_both_ranks(mock, tmp_path, f
     assert changed[:16].all() and not changed[16:].any()
     assert int(ck["state_dict"]["module.queue_ptr"]) == 16
     assert len(ck["rng"]) == 2  # both ranks' random states saved
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_pretraining_on_cuda_learns_resumes_and_picks_the_local_gpu(mock, tmp_path):
+    """bf16 autocast and channels_last on a GPU: the same loss decrease as on the CPU, and a
+    killed run resumes to the same number of steps."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from sdsscl.train import init_distributed
+
+    assert init_distributed("cuda").device == torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    cfg = tiny_cfg(epochs=8, batch_size=8, queue_size=16, base_lr=1.0, key_momentum=0.99, key_bn_splits=1)
+    ckpt = pretrain(cfg, mock, tmp_path / "run", augmentations=("rotate", "jitter_crop"), progress=False,
+                    device="cuda")
+    losses = [float(r["loss"]) for r in csv.DictReader(open(tmp_path / "run" / "log.csv"))]
+    first, last = sum(losses[2:14]) / 12, sum(losses[-24:]) / 24
+    assert last < first - 0.1, (first, last)
+    assert all(v.isfinite().all() for v in _weights(ckpt).values() if v.is_floating_point())
+    part = pretrain(tiny_cfg(batch_size=16), mock, tmp_path / "part", progress=False, max_steps=4, device="cuda")
+    assert load_safe(part)["step"] == 4
+    resumed = pretrain(tiny_cfg(batch_size=16), mock, tmp_path / "part", progress=False, resume=True,
+                       device="cuda")
+    assert load_safe(resumed)["step"] == 12
