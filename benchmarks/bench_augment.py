@@ -11,10 +11,13 @@ scikit-image (reddening multiply, ``scipy.ndimage.gaussian_filter`` per band,
     .venv/bin/python benchmarks/bench_augment.py --device cuda      # GPU (reference still on CPU)
     .venv/bin/python benchmarks/bench_augment.py --device cuda --batch-size 256 1024 4096
 
-Views/s counts augmented 64x64 views (two per image per call). Timings on a shared machine vary
-with its load, which the script prints: torch's multi-threaded CPU kernels stall whenever another
-process holds a core, so compare ``--threads 1`` (one core each) there, and read the best call
-as the uncontended speed.
+Views/s counts augmented 64x64 views (two per image per call), over rounds of calls run back to
+back as in training (on a GPU the host prepares the next call while the device runs the last;
+one synchronisation per round). Timings on a shared machine vary with its load, which the script
+prints: torch's multi-threaded CPU kernels stall whenever another process holds a core, so
+compare ``--threads 1`` (one core each) there, and read the best round as the uncontended speed.
+``--profile`` splits a call into drawing the parameters (host) and applying them, and lists the
+costliest torch operations.
 """
 from __future__ import annotations
 
@@ -87,22 +90,25 @@ def time_reference(images: np.ndarray, mad: np.ndarray, psf: bool, repeats: int,
     return times
 
 
-def time_torch(views: TwoViews, batch: torch.Tensor, repeats: int, warmup: int, seed: int) -> list[float]:
-    """Seconds per call of ``views(batch)`` (both views, parameters drawn included), per repeat;
-    synchronised on CUDA."""
+def time_torch(views: TwoViews, batch: torch.Tensor, repeats: int, warmup: int, seed: int,
+               rounds: int = 5) -> list[float]:
+    """Seconds per call of ``views(batch)`` (both views, parameters drawn included), one value
+    per round of ``repeats`` calls run back to back, as a training loop runs them: on a GPU the
+    host draws and launches the next call while the device still works on the last, and the
+    round ends with one synchronisation."""
     gen = torch.Generator().manual_seed(seed)
     cuda = batch.device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(batch.device)) if cuda else (lambda: None)
     for _ in range(warmup):
         views(batch, gen)
-    if cuda:
-        torch.cuda.synchronize(batch.device)
+    sync()
     times = []
-    for _ in range(repeats):
+    for _ in range(rounds):
         t0 = time.perf_counter()
-        views(batch, gen)
-        if cuda:
-            torch.cuda.synchronize(batch.device)
-        times.append(time.perf_counter() - t0)
+        for _ in range(repeats):
+            views(batch, gen)
+        sync()
+        times.append((time.perf_counter() - t0) / repeats)
     return times
 
 
@@ -157,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[256],
                         help="images per call; several sizes give one row each (default: 256)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per pipeline (default: 10)")
+    parser.add_argument("--repeats", type=int, default=10,
+                        help="calls per timed round, 5 rounds per pipeline and batch size (default: 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: 3)")
     parser.add_argument("--ref-images", type=int, default=128,
                         help="images of the batch the per-image reference runs on (default: 128)")
@@ -205,9 +212,10 @@ def main(argv: list[str] | None = None) -> None:
         profile_calls(TwoViews(AugmentationPipeline(BEST_AUGMENTATIONS, mad=mad)), full[:sizes[0]].contiguous(),
                       args.seed)
     print()
-    print(f"views/s: 64x64 views produced per second (2 per image), median over calls and best call;\n"
-          f"ratio: sdsscl / reference. sdsscl: {device.type}, {args.repeats} calls per batch size after "
-          f"{args.warmup} warm-up calls, parameters drawn (on the CPU) in every call. reference: "
+    print(f"views/s: 64x64 views produced per second (2 per image), median and best of 5 rounds;\n"
+          f"ratio: sdsscl / reference. sdsscl: {device.type}, rounds of {args.repeats} back-to-back calls "
+          f"(one synchronisation per round) after {args.warmup} warm-up calls, parameters drawn (on the CPU) "
+          f"in every call. reference: "
           f"numpy/scikit-image on the CPU,\none image at a time in one process, {n_ref} images x 2 views, "
           f"{args.ref_repeats} passes. Load average after the run: {os.getloadavg()[0]:.2f}.")
 

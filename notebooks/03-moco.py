@@ -154,7 +154,7 @@ Table(("quantity", here), tuple(rows), prov, caption="The pretrained encoder", d
 
 # %%
 metrics = {"steps": int(step[-1]), "final_loss": float(loss[last].mean()), "final_top1": float(top1[last].mean()),
-           "median_images_per_s": float(np.median(rate)), "checkpoint": str(ckpt.relative_to(paths.root)),
+           "median_images_per_s": float(np.median(rate)), "checkpoint": str(ckpt.relative_to(paths.shared)),
            "encoder_parameters": n_params, "representation_dim": representation_dim(cfg.pretrain.encoder)}
 record = write_metrics("pretraining", metrics, paths, prov)
 print(f"wrote {record.relative_to(paths.root.parent)}")

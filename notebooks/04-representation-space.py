@@ -111,7 +111,7 @@ Table(("quantity", here), (
     ("galaxies", len(reps)),
     ("representation dimension D (paper: 2048)", reps.dim),
     ("stored as", reps.attrs["dtype"]),
-    ("file", str(reps_file.relative_to(paths.root))),
+    ("file", str(reps_file.relative_to(paths.shared))),
 ), prov, caption="The representations of this run")
 
 

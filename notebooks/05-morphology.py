@@ -143,7 +143,7 @@ display(fig)
 # %%
 from sdsscl.downstream import RunStore  # noqa: E402
 
-store_root = paths.root / "downstream" / "morphology"
+store_root = paths.downstream / "morphology"
 paper_figure = {"smooth": 3, "edge_on": 11, "bar": 12}
 figures = {}
 for q in mc.questions:

@@ -116,7 +116,7 @@ display(fig)
 # supervised network trained on the most labels.
 
 # %% tags=["hide-input"] mystnb={"figure": {"caption": "Photometric against spectroscopic redshift on the test set for the fine-tuned encoder (left) and the supervised network (right) trained on the largest fraction of labels, with sigma_MAD, bias and outlier percentage. Reproduces paper Figure 5 on this run's data. Made by notebook 06-photoz.", "name": "fig-photoz-scatter"}}
-store = RunStore(paths.root / "downstream" / "photoz", {})
+store = RunStore(paths.downstream / "photoz", {})
 top = max(pc.fractions)
 best = {}
 for model in ("finetune", "supervised"):

@@ -66,11 +66,12 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
 import torch
+from scipy import special
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -156,12 +157,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
-def _to_device(t: Tensor, device: torch.device | str) -> Tensor:
-    """Move a small CPU tensor to ``device`` without a host synchronisation on CUDA."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+def _numpy(t: Tensor) -> np.ndarray:
+    """A tensor's values as a numpy array (read back from another device if need be)."""
+    if t.device.type != "cpu" or t.requires_grad:
+        t = t.detach().cpu()
+    return t.numpy()
+
+
+def _float32(values: np.ndarray) -> Tensor:
+    """A float32 CPU tensor of float64 numpy values (parameters are drawn in float64)."""
+    return torch.from_numpy(np.asarray(values, dtype=np.float32))
 
 
 @lru_cache(maxsize=64)
@@ -182,10 +187,24 @@ def _crop_origin(size: int, crop_size: int) -> int:
 
 # ----------------------------------------------------------------------------- base class
 class Augmentation:
-    """Base of the random augmentations: ``__call__`` = ``sample`` then ``apply``."""
+    """Base of the random augmentations: ``__call__`` = ``sample`` then ``apply``.
+
+    Randomness enters in one place: ``sample`` draws ``n_uniform`` uniform numbers per image in
+    one call of the CPU generator (float64, in [0, 1)) and ``from_uniform`` turns them into the
+    parameters (numpy on the CPU). The pipeline draws all of a view's uniforms in one call.
+    """
+
+    #: Uniform random numbers per image that ``from_uniform`` turns into parameters.
+    n_uniform: int = 1
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None,
                device: torch.device | str = "cpu"):
+        _check_generator(type(self).__name__, generator)
+        u = torch.rand(batch_size, self.n_uniform, generator=generator, dtype=torch.float64).numpy()
+        return _move_to([self.from_uniform(u, generator)], device)[0]
+
+    def from_uniform(self, u: np.ndarray, generator: torch.Generator | None = None):
+        """The parameters (on the CPU) from ``u`` (B, n_uniform) uniform on [0, 1)."""
         raise NotImplementedError
 
     def apply(self, batch: Tensor, params) -> Tensor:
@@ -227,11 +246,8 @@ class GalacticReddening(Augmentation):
         self.max_ebv = float(max_ebv)
         self.coefficients = tuple(float(c) for c in coefficients)
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> ReddeningParams:
-        _check_generator("GalacticReddening", generator)
-        ebv = torch.rand(batch_size, generator=generator, dtype=torch.float64) * self.max_ebv  # (B,)
-        return ReddeningParams(ebv=_to_device(ebv.float(), device))
+    def from_uniform(self, u: np.ndarray, generator: torch.Generator | None = None) -> ReddeningParams:
+        return ReddeningParams(ebv=_float32(u[:, 0] * self.max_ebv))                    # (B,)
 
     def factors(self, ebv: Tensor, like: Tensor) -> Tensor:
         """Flux factors ``10**(-0.4 R_b E)``, shape (B, 5), in ``like``'s computation dtype."""
@@ -416,12 +432,10 @@ class PSFBlur(Augmentation):
         widest = self.sigma_pixels(sigma_r.detach().cpu().reshape(-1)).max().reshape(1)
         return int(discrete_gaussian_radius(widest, self.tail)[0])
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> PSFParams:
-        _check_generator("PSFBlur", generator)
-        sigma_r = torch.randn(batch_size, generator=generator, dtype=torch.float64).abs()
-        sigma_r = (sigma_r * self.sigma_r_arcsec).float()                           # (B,) arcsec
-        return PSFParams(sigma_r=_to_device(sigma_r, device), radius=self.radius(sigma_r))
+    def from_uniform(self, u: np.ndarray, generator: torch.Generator | None = None) -> PSFParams:
+        # |N(0, s)| by inversion: s * sqrt(2) * erfinv(u), u in [0, 1)
+        sigma_r = _float32(self.sigma_r_arcsec * math.sqrt(2.0) * special.erfinv(u[:, 0]))  # (B,) arcsec
+        return PSFParams(sigma_r=sigma_r, radius=self.radius(sigma_r))
 
     def kernels(self, params: PSFParams) -> tuple[Tensor, int]:
         """Per-(image, band) kernels (B, 5, 2R+1), float64 (float32 on MPS), on the parameters'
@@ -556,19 +570,16 @@ class _Frame:
 
     def resample(self, affine: Tensor, out_h: int, out_w: int) -> Tensor:
         """Rotate and crop the n framed images (placed in the first n slots) with their sampling
-        maps ``affine`` (n, 2, 3) (see :func:`_affine`): one ``grid_sample`` call, (n, 5, Ho, Wo)."""
+        maps ``affine`` (n, 2, 3) (see :func:`_affine`): the grid in float64 (two broadcast
+        multiply-adds, exact for whole-pixel positions), then one ``grid_sample`` call,
+        (n, 5, Ho, Wo)."""
         n = affine.shape[0]
+        j = _pixel_grid(1, out_w, affine.device, affine.dtype)[0].reshape(1, 1, 1, out_w)
+        i = _pixel_grid(out_h, 1, affine.device, affine.dtype)[1].reshape(1, 1, out_h, 1)
+        a = affine[:, :, :, None, None]                                             # (n, 2, 3, 1, 1)
+        coords = torch.addcmul(torch.addcmul(a[:, :, 2], a[:, :, 0], j), a[:, :, 1], i)  # (n, 2, Ho, Wo)
         grid = torch.empty(n, out_h, out_w, 2, device=self.buffer.device, dtype=self.buffer.dtype)
-        if affine.device.type == "cpu":               # two broadcast sums per axis, cache-friendly
-            j = _pixel_grid(1, out_w, affine.device, affine.dtype)[0].reshape(1, 1, out_w)
-            i = _pixel_grid(out_h, 1, affine.device, affine.dtype)[1].reshape(1, out_h, 1)
-            for axis in range(2):
-                a = affine[:, axis, :, None, None]                                   # (n, 3, 1, 1)
-                torch.add(a[:, 0] * j, a[:, 1] * i + a[:, 2], out=grid[..., axis])   # (n, Ho, Wo)
-        else:                                         # one GEMM and one rounding copy
-            base = _pixel_grid(out_h, out_w, affine.device, affine.dtype)            # (3, Ho*Wo)
-            coords = (affine.reshape(n * 2, 3) @ base).reshape(n, 2, out_h, out_w)
-            grid.permute(0, 3, 1, 2).copy_(coords)
+        grid.permute(0, 3, 1, 2).copy_(coords)                   # (n, Ho, Wo, 2), rounded once
         return F.grid_sample(self.buffer[:n], grid, mode="bilinear", padding_mode="zeros",
                              align_corners=True)                                   # (n, 5, Ho, Wo)
 
@@ -581,12 +592,11 @@ def _pixel_grid(out_h: int, out_w: int, device: torch.device, dtype: torch.dtype
     return torch.stack([j.reshape(-1), i.reshape(-1), torch.ones(out_h * out_w, dtype=dtype)]).to(device)
 
 
-def _affine(angle: Tensor, dy: Tensor, dx: Tensor, h: int, w: int, out_h: int, out_w: int,
-            top0: int, left0: int) -> Tensor:
+def _affine(angle: np.ndarray, dy: np.ndarray, dx: np.ndarray, h: int, w: int, out_h: int, out_w: int,
+            top0: int, left0: int) -> np.ndarray:
     """The map from output pixel ``(j, i, 1)`` to the normalised ``grid_sample`` coordinates
-    ``(x, y)`` in the dyadic frame around an ``h x w`` image, per image: (B, 2, 3) float64 on the
-    CPU (computed with numpy: a few dozen operations on B numbers, which cost more as torch
-    operations than the whole resampling on a GPU; inputs on a GPU are read back).
+    ``(x, y)`` in the dyadic frame around an ``h x w`` image, per image: (B, 2, 3) float64, from
+    the angles (radians) and integer shifts (B,) as numpy arrays.
 
     Output pixel (i, j) is the point (Y, X) = (top + i, left + j) of the rotated image, which shows
     the input at (y, x), with u = X - cx, v = Y - cy (counter-clockwise as displayed)::
@@ -597,7 +607,7 @@ def _affine(angle: Tensor, dy: Tensor, dx: Tensor, h: int, w: int, out_h: int, o
     the frame's ``half = 2**(k-1)``, whole-pixel positions are dyadic numbers, exact in float64 and
     in the float32 grid.
     """
-    angle, dy, dx = (np.asarray(t.detach().cpu(), dtype=np.float64) for t in (angle, dy, dx))
+    angle, dy, dx = (np.asarray(v, dtype=np.float64) for v in (angle, dy, dx))
     side = _dyadic_frame(max(h, w))
     pad_y, pad_x, half = (side - h) // 2, (side - w) // 2, (side - 1) / 2
     cy, cx = (h - 1) / 2, (w - 1) / 2
@@ -612,7 +622,7 @@ def _affine(angle: Tensor, dy: Tensor, dx: Tensor, h: int, w: int, out_h: int, o
     x0 = (cx + pad_x + cos * u0 - sin * v0) / half - 1.0
     y0 = (cy + pad_y + sin * u0 + cos * v0) / half - 1.0
     affine = np.stack([cos / half, -sin / half, x0, sin / half, cos / half, y0], axis=-1)
-    return torch.from_numpy(affine.reshape(-1, 2, 3))
+    return affine.reshape(-1, 2, 3)
 
 
 def _crop_geometry(h: int, w: int, crop_size: int | None) -> tuple[int, int, int, int]:
@@ -651,7 +661,8 @@ def rotate_crop(batch: Tensor, angle: Tensor | None, shifts: Tensor | None,
     x = batch.to(_compute_dtype(batch.dtype))
     if b == 0:
         return batch.new_empty(0, c, out_h, out_w)
-    affine = _affine(angle, dy, dx, h, w, out_h, out_w, top0, left0).to(x.device)  # (B, 2, 3)
+    affine = torch.from_numpy(_affine(_numpy(angle), _numpy(dy), _numpy(dx), h, w, out_h, out_w,
+                                      top0, left0)).to(x.device)                  # (B, 2, 3)
     blocks = _blocks(b, x.device, _CPU_GEOMETRY_CHUNK)
     frame = _Frame(blocks[0].stop - blocks[0].start, h, w, x.device, x.dtype)
     out = x.new_empty(b, c, out_h, out_w)                                        # (B, 5, Ho, Wo)
@@ -674,11 +685,8 @@ class RandomRotate(Augmentation):
     def __init__(self, *, max_angle: float = 2 * math.pi):
         self.max_angle = float(max_angle)
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> RotationParams:
-        _check_generator("RandomRotate", generator)
-        angle = torch.rand(batch_size, generator=generator, dtype=torch.float64) * self.max_angle
-        return RotationParams(angle=_to_device(angle.float(), device))              # (B,)
+    def from_uniform(self, u: np.ndarray, generator: torch.Generator | None = None) -> RotationParams:
+        return RotationParams(angle=_float32(u[:, 0] * self.max_angle))                  # (B,)
 
     def apply(self, batch: Tensor, params: RotationParams) -> Tensor:
         _check_batch("RandomRotate", batch)
@@ -720,12 +728,12 @@ class JitterCrop(Augmentation):
         self.crop_size = int(crop_size)
         self.max_jitter = int(max_jitter)
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> JitterParams:
-        _check_generator("JitterCrop", generator)
-        shifts = torch.randint(-self.max_jitter, self.max_jitter + 1, (batch_size, 2),
-                               generator=generator, dtype=torch.long)               # (B, 2)
-        return JitterParams(shifts=_to_device(shifts, device))
+    n_uniform = 2
+
+    def from_uniform(self, u: np.ndarray, generator: torch.Generator | None = None) -> JitterParams:
+        values = 2 * self.max_jitter + 1                     # u in [0, 1): floor(u * 15) in 0..14
+        shifts = np.floor(u[:, :2] * values).astype(np.int64) - self.max_jitter
+        return JitterParams(shifts=torch.from_numpy(shifts))                            # (B, 2)
 
     def apply(self, batch: Tensor, params: JitterParams) -> Tensor:
         _check_batch("JitterCrop", batch)
@@ -779,18 +787,25 @@ def _cpu_pool() -> ThreadPoolExecutor | None:
     return _POOL[2]
 
 
-def _noise_field(shape: tuple[int, ...], seed: int, device: torch.device) -> Tensor:
-    """A standard normal float32 field ``shape = (B, ...)`` determined by ``seed`` and the device.
+def _noise_field(shape: tuple[int, ...], seed: int, device: torch.device, out: Tensor | None = None) -> Tensor:
+    """A standard normal field ``shape = (B, ...)`` determined by ``seed`` and the device, drawn
+    in float32 (into ``out`` if given: a contiguous tensor of that shape, any float dtype).
 
     On the CPU, each group of ``_NOISE_GROUP`` images has its own generator (seeded from ``seed``
     and the group's first index), so groups are drawn in parallel threads and the field does not
     depend on the number of threads. On other devices, one device generator draws the field.
     """
+    if out is not None and out.dtype != torch.float32:
+        out.copy_(_noise_field(shape, seed, device))
+        return out
     if device.type != "cpu":
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
-        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-    out = torch.empty(shape, dtype=torch.float32)
+        if out is None:
+            return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+        return torch.randn(shape, generator=gen, out=out)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
 
     def fill(start: int) -> None:
         gen = torch.Generator()
@@ -832,13 +847,11 @@ class GaussianNoise(Augmentation):
         self.min_level = float(min_level)
         self.max_level = float(max_level)
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> NoiseParams:
-        _check_generator("GaussianNoise", generator)
-        level = torch.rand(batch_size, generator=generator, dtype=torch.float64)
-        level = self.min_level + (self.max_level - self.min_level) * level                 # (B,)
+    def from_uniform(self, u: np.ndarray, generator: torch.Generator | None = None) -> NoiseParams:
+        """The levels from ``u``; the field's seed is the generator's next draw (after ``u``)."""
+        level = self.min_level + (self.max_level - self.min_level) * u[:, 0]                # (B,)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        return NoiseParams(level=_to_device(level.float(), device), seed=seed)
+        return NoiseParams(level=_float32(level), seed=seed)
 
     def scale(self, level: Tensor, like: Tensor) -> Tensor:
         """Noise standard deviation gamma per image and band, shape (B, 5)."""
@@ -882,15 +895,17 @@ class AugmentationParams:
     jitter_crop: JitterParams | None = None
     noise: NoiseParams | None = None
     plan: _ViewPlan | None = field(default=None, repr=False, compare=False)
+    #: Both MoCo views drawn as one (``TwoViews.sample``): this view's half of ``joint``.
+    joint: AugmentationParams | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
 class _ViewPlan:
     """What ``AugmentationPipeline.apply`` needs beyond the images, for ``size = (H, W)`` inputs
     computed in ``dtype``: affine (B, 2, 3) float64 sampling maps (None without rotation), factor
-    (B, 5) reddening flux factors, gamma (B, 5) noise standard deviations, kernels (B, 5, 2R+1)
-    float64 PSF kernels and their half-width R. ``sources`` are the parameter objects it was
-    derived from."""
+    (B, 5, 1, 1) reddening flux factors, gamma (B, 5, 1, 1) noise standard deviations, kernels
+    (B, 5, 2R+1) float64 PSF kernels and their half-width R. ``sources`` are the parameter
+    objects it was derived from."""
 
     sources: tuple
     size: tuple[int, int]
@@ -903,7 +918,7 @@ class _ViewPlan:
 
 
 def _sources(params: AugmentationParams) -> tuple:
-    return tuple(getattr(params, name) for name in AUGMENTATIONS)
+    return (params.reddening, params.psf, params.rotate, params.jitter_crop, params.noise)
 
 
 def _plan_matches(params: AugmentationParams) -> bool:
@@ -921,51 +936,95 @@ def _move_params(views: list[AugmentationParams], device: torch.device | str) ->
     return moved
 
 
+def _clone(obj, **changes):
+    """A shallow copy of a (dataclass) object with some attributes changed, without running
+    ``__init__`` (far cheaper than ``copy.copy`` or ``dataclasses.replace``; runs per batch)."""
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
+def _half(joint: AugmentationParams, rows: slice) -> AugmentationParams:
+    """The parameters (and plan) of images ``rows`` of a joint draw: views of its tensors."""
+    half = AugmentationParams(joint=joint)
+    for name in AUGMENTATIONS:
+        p = getattr(joint, name)
+        if p is not None:
+            setattr(half, name, _clone(p, **{k: v[rows] for k, v in vars(p).items() if isinstance(v, Tensor)}))
+    if _plan_matches(joint):
+        plan = joint.plan
+        half.plan = _clone(plan, sources=_sources(half),
+                           **{k: v[rows] for k, v in vars(plan).items() if isinstance(v, Tensor)})
+    return half
+
+
 def _move_to(objects: list, device: torch.device | str) -> list:
     """Copies of the dataclass objects (nested ones included) with every tensor on ``device``.
 
-    On CUDA all tensors travel in one pinned, non-blocking host-to-device copy per dtype (a
-    handful of copies per batch instead of one per parameter), then are split into views.
+    All tensors travel in one host-to-device copy (pinned and non-blocking on CUDA) instead of
+    one per parameter, and become views of it on the device. Kept lean: it runs for every
+    batch, and on a GPU its host time is what limits small batches.
     """
     device = torch.device(device)
-    leaves: list[Tensor] = []
+    slots: list[tuple[object, str, Tensor]] = []            # (owner, attribute, tensor)
 
     def collect(obj) -> None:
-        for f in fields(obj):
-            value = getattr(obj, f.name)
+        for name, value in vars(obj).items():
             if isinstance(value, Tensor):
-                leaves.append(value)
-            elif is_dataclass(value):
+                slots.append((obj, name, value))
+            elif hasattr(value, "__dataclass_fields__"):
                 collect(value)
 
     for obj in objects:
         collect(obj)
-    if all(t.device == device for t in leaves):
+    if all(t.device == device for _, _, t in slots):
         return objects
-    moved: dict[int, Tensor] = {}
-    by_dtype: dict[torch.dtype, list[int]] = {}
+    # One staging buffer of bytes (pinned for CUDA), tensors grouped by dtype at 8-byte-aligned
+    # offsets, filled through numpy (cheap on the host), one copy, then views on the device.
+    leaves = [t.float() if device.type == "mps" and t.dtype == torch.float64 else t  # no float64 on MPS
+              for _, _, t in slots]
+    groups: dict[torch.dtype, list[int]] = {}
     for k, t in enumerate(leaves):
-        by_dtype.setdefault(t.dtype, []).append(k)
-    for dtype, ks in by_dtype.items():
-        flat = torch.cat([leaves[k].detach().reshape(-1).cpu() for k in ks])
-        if device.type == "cuda":
-            flat = flat.pin_memory()
-        flat = flat.to(device, non_blocking=device.type == "cuda")
-        for k, part in zip(ks, flat.split([leaves[k].numel() for k in ks])):
-            moved[k] = part.view(leaves[k].shape)
-    order = iter(range(len(leaves)))
+        groups.setdefault(t.dtype, []).append(k)
+    layout, total = [], 0                                  # (dtype, byte offset, [(k, start, stop)])
+    for dtype, ks in groups.items():
+        size, items = torch.empty(0, dtype=dtype).element_size(), []
+        start = 0
+        for k in ks:
+            items.append((k, start, start + leaves[k].numel()))
+            start += leaves[k].numel()
+        layout.append((dtype, total, start, items))
+        total += -(-start * size // 8) * 8
+    staging = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    raw = staging.numpy()
+    for dtype, offset, count, items in layout:
+        typed = raw[offset:offset + count * leaves[items[0][0]].element_size()].view(
+            leaves[items[0][0]].numpy().dtype)
+        for k, start, stop in items:
+            typed[start:stop] = _numpy(leaves[k]).reshape(-1)
+    on_device = staging.to(device, non_blocking=device.type == "cuda")
+    moved: list[Tensor | None] = [None] * len(leaves)
+    for dtype, offset, count, items in layout:
+        typed = on_device[offset:offset + count * torch.empty(0, dtype=dtype).element_size()].view(dtype)
+        for k, start, stop in items:
+            part = typed[start:stop]
+            moved[k] = part if leaves[k].ndim == 1 else part.view(leaves[k].shape)
+    copies: dict[int, object] = {}
 
     def rebuild(obj):
-        changes = {}
-        for f in fields(obj):
-            value = getattr(obj, f.name)
-            if isinstance(value, Tensor):
-                changes[f.name] = moved[next(order)]
-            elif is_dataclass(value):
-                changes[f.name] = rebuild(value)
-        return replace(obj, **changes)
+        new = copies.get(id(obj))
+        if new is None:
+            new = copies[id(obj)] = _clone(obj)
+            for name, value in vars(obj).items():
+                if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
+                    setattr(new, name, rebuild(value))
+        return new
 
-    return [rebuild(obj) for obj in objects]
+    out = [rebuild(obj) for obj in objects]
+    for (owner, name, _), t in zip(slots, moved):
+        setattr(copies[id(owner)], name, t)
+    return out
 
 
 class AugmentationPipeline:
@@ -1033,29 +1092,37 @@ class AugmentationPipeline:
     def _draw(self, batch_size: int, generator: torch.Generator | None,
               image_size: int | tuple[int, int]) -> AugmentationParams:
         """Parameters and their plan, on the CPU."""
-        params = AugmentationParams()
-        for name in self.names:
-            setattr(params, name, getattr(self, name).sample(batch_size, generator, "cpu"))
+        _check_generator("AugmentationPipeline", generator)
+        augs = [getattr(self, name) for name in self.names]
+        widths = [aug.n_uniform for aug in augs]
+        u = torch.rand(batch_size, sum(widths), generator=generator, dtype=torch.float64).numpy()
+        params, start = AugmentationParams(), 0
+        for name, aug, k in zip(self.names, augs, widths):     # columns in pipeline order
+            setattr(params, name, aug.from_uniform(u[:, start:start + k], generator))
+            start += k
         h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
         params.plan = self._derive(params, int(h), int(w), torch.float32)
         return params
 
     def _derive(self, params: AugmentationParams, h: int, w: int, dtype: torch.dtype) -> _ViewPlan:
-        """The view's plan for (h, w) images computed in ``dtype``, with torch operations on the
-        parameters' device (the CPU when called from ``sample``)."""
+        """The view's plan for (h, w) images computed in ``dtype``, on the CPU (numpy: a few
+        dozen operations on B numbers each, which as torch operations would cost more host time
+        than the whole resampling on a GPU). Parameters made by hand on a GPU are read back
+        first, a synchronisation that ``sample``'s own parameters never need."""
         plan = _ViewPlan(sources=_sources(params), size=(h, w), dtype=dtype)
-        device = next((t.device for p in plan.sources if p is not None
-                       for t in vars(p).values() if isinstance(t, Tensor)), torch.device("cpu"))
-        like = torch.empty(0, dtype=dtype, device=device)
+        np_dtype = np.float64 if dtype == torch.float64 else np.float32
         if self.rotate is not None:
             out_h, out_w, top0, left0 = _crop_geometry(h, w, self.crop_size)
-            dy, dx = _split_shifts(params.jitter_crop.shifts if self.jitter_crop else None,
-                                   params.rotate.angle.shape[0], like.device)
-            plan.affine = _affine(params.rotate.angle, dy, dx, h, w, out_h, out_w, top0, left0)
+            angle = _numpy(params.rotate.angle)
+            shifts = _numpy(params.jitter_crop.shifts) if self.jitter_crop else np.zeros((len(angle), 2))
+            plan.affine = torch.from_numpy(_affine(angle, shifts[:, 0], shifts[:, 1], h, w,
+                                                   out_h, out_w, top0, left0))                # (B, 2, 3)
         if self.reddening is not None:
-            plan.factor = self.reddening.factors(params.reddening.ebv, like)               # (B, 5)
+            factor = 10.0 ** (-0.4 * np.outer(_numpy(params.reddening.ebv), self.reddening.coefficients))
+            plan.factor = torch.from_numpy(factor.astype(np_dtype)[:, :, None, None])      # (B, 5, 1, 1)
         if self.noise is not None:
-            plan.gamma = self.noise.scale(params.noise.level, like)                        # (B, 5)
+            gamma = np.outer(_numpy(params.noise.level), self.noise.mad)
+            plan.gamma = torch.from_numpy(gamma.astype(np_dtype)[:, :, None, None])        # (B, 5, 1, 1)
         if self.psf is not None:
             plan.kernels, plan.radius = self.psf.kernels(params.psf)                        # (B, 5, K)
         return plan
@@ -1089,44 +1156,66 @@ class AugmentationPipeline:
             first = next(iter(vars(p).values()))
             _check_params_batch("AugmentationPipeline", batch, first.shape[0])
         x = batch.to(_compute_dtype(batch.dtype))
-        device, s = x.device, self.crop_size
         if b == 0:
-            return batch.new_empty(0, c, s, s)
-        out_h, out_w, top0, left0 = _crop_geometry(h, w, s)
+            return batch.new_empty(0, c, self.crop_size, self.crop_size)
         if self.jitter_crop is not None:
             _check_shifts("AugmentationPipeline", params.jitter_crop.shifts, self.jitter_crop.max_jitter)
-        plan = _move_to([self._plan_for(params, x)], device)[0]
-        if self.noise is not None:                        # the same field GaussianNoise.apply draws
-            out = _noise_field((b, c, s, s), params.noise.seed, device).to(x.dtype)      # (B, 5, S, S)
-        else:
-            out = x.new_empty(b, c, s, s)
+        plan = _move_to([self._plan_for(params, x)], x.device)[0]
+        seeds = [params.noise.seed] if self.noise is not None else []
+        shifts = params.jitter_crop.shifts if self.jitter_crop is not None else None
+        return self._run(x, plan, seeds, params.psf, shifts).to(batch.dtype)
+
+    def _run(self, x: Tensor, plan: _ViewPlan, seeds: Sequence[int], psf: PSFParams | None,
+             shifts: Tensor | None, copies: int = 1) -> Tensor:
+        """The views of ``copies`` stacked copies of ``x`` (n, 5, H, W) with a plan (and PSF
+        parameters and shifts) for ``copies * n`` images and one noise seed per copy:
+        (copies * n, 5, S, S) in x's dtype. ``copies > 1`` (both MoCo views in one pass) is for
+        devices other than the CPU.
+
+        Works block by block (a few images at a time on the CPU, the whole batch elsewhere):
+        blur into a zero frame, one resampling for rotation and crop, then
+        ``out = noise * gamma + crop * reddening`` in place in the noise field.
+        """
+        n1, c, h, w = x.shape
+        b, device, s = copies * n1, x.device, self.crop_size
+        out_h, out_w, top0, left0 = _crop_geometry(h, w, s)
+        out = x.new_empty(b, c, s, s)                                               # (B, 5, S, S)
+        for k, seed in enumerate(seeds):                  # the same field GaussianNoise.apply draws
+            _noise_field((n1, c, s, s), seed, device, out=out[k * n1:(k + 1) * n1])
         radius = plan.radius
-        if radius > 0:
-            blocks = self.psf.blocks(params.psf, device, radius)
+        if copies > 1:                                    # one block: the copies of the batch
+            blocks = [(slice(0, b), radius)]
+        elif radius > 0:
+            blocks = self.psf.blocks(psf, device, radius)
         else:                                             # no PSF, or none that moves any flux
             blocks = [(blk, 0) for blk in _blocks(b, device, _CPU_GEOMETRY_CHUNK)]
+        if copies > 1 and (radius > 0 or plan.affine is None):
+            x = x.repeat(copies, 1, 1, 1)                                          # (B, 5, H, W)
         frame = None
         if plan.affine is not None:
             frame = _Frame(min(b, max(_block_len(blk, b) for blk, _ in blocks)), h, w, device, x.dtype)
         else:
-            dy, dx = _split_shifts(params.jitter_crop.shifts if self.jitter_crop else None, b, device)
+            dy, dx = _split_shifts(shifts, b, device)
         for blk, r in blocks:
-            src, n = _take(x, blk), _block_len(blk, b)                               # (n, 5, H, W)
+            n = _block_len(blk, b)
             if frame is not None:                         # sky image into the frame, blurred or not
                 if radius > 0:
-                    self.psf._blur_block(src, _take(plan.kernels, blk), radius, r, out=frame.inside(n))
+                    self.psf._blur_block(_take(x, blk), _take(plan.kernels, blk), radius, r, out=frame.inside(n))
+                elif x.shape[0] < b:                      # copies of the batch, in one copy
+                    frame.inside(n).view(copies, n1, c, h, w).copy_(x.expand(copies, n1, c, h, w))
                 else:
-                    frame.inside(n).copy_(src)
+                    frame.inside(n).copy_(_take(x, blk))
                 crop = frame.resample(_take(plan.affine, blk), out_h, out_w)           # (n, 5, S, S)
             else:
+                src = _take(x, blk)
                 if radius > 0:
                     src = self.psf._blur_block(src, _take(plan.kernels, blk), radius, r)
                 crop = _integer_crop(src, top0 + _take(dy, blk), left0 + _take(dx, blk), s)  # (n, 5, S, S)
             # Reddening (a per-band factor: it commutes with the linear steps above), then noise:
             # out = noise * gamma + crop * factor, in place in the noise field.
-            f = _take(plan.factor, blk)[:, :, None, None] if plan.factor is not None else None
+            f = _take(plan.factor, blk) if plan.factor is not None else None          # (n, 5, 1, 1)
             if plan.gamma is not None:
-                o = _take(out, blk).mul_(_take(plan.gamma, blk)[:, :, None, None])
+                o = _take(out, blk).mul_(_take(plan.gamma, blk))
                 if f is not None:
                     o.addcmul_(crop, f)
                 else:
@@ -1137,7 +1226,7 @@ class AugmentationPipeline:
                 out.index_copy_(0, blk, o)
             elif plan.gamma is None:
                 out[blk] = o
-        return out.to(batch.dtype)
+        return out
 
     def __call__(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
         _check_batch("AugmentationPipeline", batch)
@@ -1160,15 +1249,43 @@ class TwoViews:
     def sample(self, batch_size: int, generator: torch.Generator | None = None,
                device: torch.device | str = "cpu", image_size: int | tuple[int, int] = CUTOUT_SIZE
                ) -> tuple[AugmentationParams, AugmentationParams]:
-        """Parameters of the query view, then of the key view (moved to ``device`` together)."""
-        query = self.pipeline._draw(batch_size, generator, image_size)
-        key = self.pipeline._draw(batch_size, generator, image_size)
-        query, key = _move_params([query, key], device)
+        """Parameters of the query view, then of the key view.
+
+        Both are drawn as one 2B-image draw (the query's rows first, so the query's uniforms
+        are those a lone ``pipeline.sample`` would give), each view with its own noise seed,
+        and moved to ``device`` in one copy. Each is a valid single-view parameter set; on a GPU
+        ``apply`` runs both in one pass.
+        """
+        pipe = self.pipeline
+        joint = pipe._draw(2 * batch_size, generator, image_size)
+        key_seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if pipe.noise else None
+        joint = _move_params([joint], device)[0]
+        query = _half(joint, slice(0, batch_size))
+        key = _half(joint, slice(batch_size, 2 * batch_size))
+        if key_seed is not None:
+            key.noise.seed = key_seed
         return query, key
 
     def apply(self, batch: Tensor, params: tuple[AugmentationParams, AugmentationParams]
               ) -> tuple[Tensor, Tensor]:
-        return self.pipeline.apply(batch, params[0]), self.pipeline.apply(batch, params[1])
+        query, key = params
+        joint, pipe = query.joint, self.pipeline
+        if (joint is not None and joint is key.joint and batch.device.type != "cpu"
+                and pipe.rotate is not None and batch.shape[0] * 2 == joint.rotate.angle.shape[0]
+                and all(_plan_matches(p) for p in (query, key, joint))
+                and joint.plan.size == tuple(batch.shape[-2:])
+                and joint.plan.dtype == _compute_dtype(batch.dtype)):
+            # Both views in one pass over the batch: half the kernel launches and host work.
+            _check_batch("TwoViews", batch)
+            _check_crop_fits("TwoViews", batch, pipe.crop_size, pipe.jitter_crop.max_jitter if pipe.jitter_crop else 0)
+            x = batch.to(_compute_dtype(batch.dtype))
+            plan = _move_to([joint.plan], x.device)[0]
+            seeds = [query.noise.seed, key.noise.seed] if pipe.noise is not None else []
+            shifts = joint.jitter_crop.shifts if pipe.jitter_crop is not None else None
+            out = pipe._run(x, plan, seeds, joint.psf, shifts, copies=2).to(batch.dtype)
+            n = batch.shape[0]
+            return out[:n], out[n:]
+        return pipe.apply(batch, query), pipe.apply(batch, key)
 
     def __call__(self, batch: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(B, 5, H, W) -> (query, key), each (B, 5, 64, 64)."""

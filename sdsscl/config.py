@@ -552,6 +552,28 @@ class Profile:
         """
         return self.name if not self.overrides else f"{self.name}-{self.config_hash()}"
 
+    def upstream_hash(self) -> str:
+        """Stable hash (12 hex digits) of the settings in :data:`UPSTREAM`: those that make the
+        data, the splits, the pretrained encoder and its representations."""
+        plain = self.to_dict(hashed_only=True)
+        picked = {key: _pick(plain, key) for key in UPSTREAM}
+        text = json.dumps(picked, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    @property
+    def upstream_name(self) -> str:
+        """Folder name under ``runs/`` of the upstream artifacts (mock, splits, band MAD,
+        pretraining checkpoint, representations).
+
+        It is the profile's own folder when the overrides touch only downstream settings
+        (``--set photoz.finetune.max_steps=1000``), so that such a run reuses the profile's
+        pretraining instead of repeating it; otherwise ``<name>-<upstream hash>``, shared by
+        every run with the same upstream settings.
+        """
+        if not any(_is_upstream(key) for key in self.overrides):
+            return self.name
+        return f"{self.name}-{self.upstream_hash()}"
+
     def flat(self) -> dict[str, Any]:
         """The settings as ``{"section.key": value}`` (for tables)."""
         out: dict[str, Any] = {}
@@ -718,6 +740,22 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is Any:
         return value
     raise TypeError(f"{key}: unsupported annotation {hint!r}")  # a programming error, not a user's
+
+
+#: Settings that make the upstream artifacts shared by the downstream chapters (the mock, the
+#: splits and band MAD, the MoCo checkpoint, the stored representations), as dotted prefixes.
+UPSTREAM: tuple[str, ...] = ("mock", "data", "augment", "pretrain", "representations.dtype")
+
+
+def _is_upstream(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") or p.startswith(key + ".") for p in UPSTREAM)
+
+
+def _pick(plain: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = plain
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
 
 
 def _to_plain(obj: Any, hashed_only: bool) -> Any:

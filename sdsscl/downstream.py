@@ -583,7 +583,7 @@ def run_morphology(profile: Profile, runs_dir=None, models: Sequence[str] = MODE
     settings = {"morphology": asdict(cfg), "encoder": asdict(profile.pretrain.encoder),
                 "augment": asdict(profile.augment), "checkpoint": file_fingerprint(ckpt),
                 "splits": _hash(paths.splits.read_text()), "min_votes": profile.data.gz2_min_votes}
-    store = RunStore(paths.root / "downstream" / "morphology", settings)
+    store = RunStore(paths.downstream / "morphology", settings)
     reps = None
     if "probe" in models or ("finetune" in models and cfg.finetune.head_init == "probe"):
         reps = representations_of(ckpt, profile.pretrain.encoder, data.images, profile.augment.crop_size)
@@ -694,7 +694,7 @@ def run_photoz(profile: Profile, runs_dir=None, models: Sequence[str] = ("superv
     settings = {"photoz": asdict(cfg), "encoder": asdict(profile.pretrain.encoder), "fractions": fractions,
                 "schedule": asdict(schedule) if schedule else None, "augment": asdict(profile.augment),
                 "checkpoint": file_fingerprint(ckpt), "splits": _hash(paths.splits.read_text())}
-    store = RunStore(paths.root / "downstream" / store_name, settings)
+    store = RunStore(paths.downstream / store_name, settings)
     n_train = len(rows["train"])
     reps = None
     if "finetune" in models and (schedule or cfg.finetune).head_init == "probe":
@@ -765,7 +765,7 @@ def run_ablation(profile: Profile, runs_dir=None, device: str | None = None, pro
         name = subset_name(names)
         augment = replace(profile.augment, enabled=tuple(names))
         pre = replace(profile.pretrain, epochs=cfg.epochs)
-        ckpt = pretrain(pre, augment, survey, paths.checkpoints / "ablation" / name, mad=mad, resume="auto",
+        ckpt = pretrain(pre, augment, survey, paths.ablation_checkpoints / name, mad=mad, resume="auto",
                         device=device, progress=progress)
         summary = run_photoz(profile, runs_dir, models=("finetune",), device=device, progress=progress,
                              checkpoint=ckpt, fractions=cfg.fractions, schedule=cfg.finetune,

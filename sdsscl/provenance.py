@@ -11,6 +11,11 @@ artifacts under ``runs/<run_name>/`` (:class:`RunPaths`)::
         representations/     encoder outputs
         metrics/<name>.json  every number the book prints, with its provenance
         figures/<name>.png   every figure the book shows, with its provenance line
+        downstream/<task>/   trained downstream networks and their results
+
+A run whose overrides touch only downstream settings (``--set photoz.finetune.max_steps=1000``)
+gets a folder of its own for its results but reads the mock, splits, checkpoints and
+representations of the profile's folder (``RunPaths.upstream``, ``Profile.upstream_name``).
 
 Every figure and table carries a provenance line (:class:`Provenance`): profile, seed,
 mock seed, git commit and config hash, so a number can be traced to the settings and
@@ -38,25 +43,47 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- paths
 @dataclass(frozen=True)
 class RunPaths:
-    """The artifact folders of one run (nothing is created until asked)."""
+    """The artifact folders of one run (nothing is created until asked).
+
+    root: the run's own folder (downstream results, metrics, figures).
+    upstream: the folder of the artifacts that only upstream settings change (mock, splits,
+        band MAD, MoCo checkpoint, representations; ``Profile.upstream_name``); the run's own
+        folder unless given.
+    """
 
     root: Path
+    upstream: Path | None = None
+
+    @property
+    def shared(self) -> Path:
+        return self.upstream if self.upstream is not None else self.root
 
     @property
     def mock(self) -> Path:
-        return self.root / "mock.h5"
+        return self.shared / "mock.h5"
 
     @property
     def splits(self) -> Path:
-        return self.root / "splits.json"
+        return self.shared / "splits.json"
 
     @property
     def stats(self) -> Path:
-        return self.root / "stats.json"
+        return self.shared / "stats.json"
 
     @property
     def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+        return self.shared / "checkpoints"
+
+    @property
+    def ablation_checkpoints(self) -> Path:
+        """Pretraining per augmentation subset (Appendix D): the run's own, since the ablation's
+        settings are downstream ones."""
+        return self.root / "checkpoints" / "ablation"
+
+    @property
+    def downstream(self) -> Path:
+        """Trained downstream networks and their results, one folder per task."""
+        return self.root / "downstream"
 
     @property
     def moco_checkpoint(self) -> Path:
@@ -65,7 +92,7 @@ class RunPaths:
 
     @property
     def representations(self) -> Path:
-        return self.root / "representations"
+        return self.shared / "representations"
 
     @property
     def metrics(self) -> Path:
@@ -83,13 +110,13 @@ class RunPaths:
 
 
 def run_paths(profile: Profile, runs_dir: str | Path | None = None) -> RunPaths:
-    """Artifact folders of ``profile``: ``<runs>/<profile.run_name>``, where ``<runs>`` is
-    ``runs_dir``, else ``$SDSSCL_RUNS`` (tests point it at a temporary folder), else
-    ``runs/`` in the project."""
+    """Artifact folders of ``profile``: ``<runs>/<profile.run_name>``, with the upstream ones in
+    ``<runs>/<profile.upstream_name>``, where ``<runs>`` is ``runs_dir``, else ``$SDSSCL_RUNS``
+    (tests point it at a temporary folder), else ``runs/`` in the project."""
     base = Path(runs_dir or os.environ.get("SDSSCL_RUNS") or project_root() / "runs")
     if not base.is_absolute():
         base = project_root() / base
-    return RunPaths(base / profile.run_name)
+    return RunPaths(base / profile.run_name, base / profile.upstream_name)
 
 
 def data_files(profile: Profile, paths: RunPaths) -> dict[str, list[Path]]:

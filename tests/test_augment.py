@@ -474,6 +474,23 @@ def test_parameters_travel_together_and_keep_their_plan():
     assert torch.equal(q_cpu.rotate.angle, views.pipeline.sample(6, gen(41)).rotate.angle)
 
 
+@pytest.mark.parametrize("names", [BEST_AUGMENTATIONS, AUGMENTATIONS, ("reddening", "jitter_crop", "noise")])
+def test_both_views_in_one_pass_equal_the_views_one_by_one(names):
+    # On a GPU TwoViews.apply runs query and key as one batch of 2B; the result is the same as
+    # applying each view's parameters alone (here on the CPU, calling that one-pass path directly).
+    x = random_batch(6)
+    views = TwoViews(AugmentationPipeline(names, mad=MAD))
+    q, k = views.sample(6, gen(43))
+    assert q.joint is k.joint is not None and q.noise.seed != k.noise.seed
+    pipe = views.pipeline
+    joint = pipe._run(x, q.joint.plan, [q.noise.seed, k.noise.seed], q.joint.psf,
+                      q.joint.jitter_crop.shifts, copies=2)
+    torch.testing.assert_close(joint[:6], pipe.apply(x, q), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(joint[6:], pipe.apply(x, k), rtol=1e-6, atol=1e-6)
+    # the query's uniforms are those of a lone single-view draw
+    assert torch.equal(q.jitter_crop.shifts, pipe.sample(6, gen(43)).jitter_crop.shifts)
+
+
 def test_psf_blocks_are_sorted_by_width_and_cover_every_image_once():
     psf = PSFBlur()
     p = psf.sample(100, gen(42))
@@ -505,6 +522,12 @@ def test_cpu_and_cuda_give_the_same_views():
     out_cpu = pipe.apply(x, p_cpu)
     out_gpu = pipe.apply(x.cuda(), p_gpu)
     torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-5, atol=1e-5)
+    # Both views in one pass on the GPU equal the views applied one by one there.
+    views = TwoViews(AugmentationPipeline(AUGMENTATIONS, mad=MAD))
+    pq, pk = views.sample(40, gen(29), device="cuda")
+    q, k = views.apply(x.cuda(), (pq, pk))
+    torch.testing.assert_close(q, views.pipeline.apply(x.cuda(), pq), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k, views.pipeline.apply(x.cuda(), pk), rtol=1e-6, atol=1e-6)
     # Quarter turns are exact on the GPU too.
     for k in range(4):
         angle = torch.full((3,), k * math.pi / 2)

@@ -172,6 +172,28 @@ def test_run_paths_and_metrics_round_trip(tmp_path):
     assert mock_fingerprint(paths) is None  # no mock made yet
 
 
+def test_downstream_only_overrides_reuse_the_profiles_upstream_artifacts(tmp_path):
+    base = run_paths(load_profile("smoke"), tmp_path)
+    assert base.upstream == base.root == tmp_path / "smoke"
+    # a downstream setting: results of their own, the profile's mock, checkpoint and representations
+    longer = load_profile("smoke", {"photoz.finetune.max_steps": 9, "morphology.label_counts": [8]})
+    paths = run_paths(longer, tmp_path)
+    assert paths.root == tmp_path / longer.run_name != base.root
+    assert longer.upstream_name == "smoke"
+    for name in ("mock", "splits", "stats", "moco_checkpoint", "representations"):
+        assert getattr(paths, name) == getattr(base, name), name
+    assert paths.downstream != base.downstream and paths.metrics != base.metrics
+    assert paths.ablation_checkpoints != base.ablation_checkpoints
+    # an upstream setting: new upstream artifacts, shared by runs that differ downstream only
+    reseeded = load_profile("smoke", {"pretrain.seed": 7})
+    both = load_profile("smoke", {"pretrain.seed": 7, "photoz.fractions": [1.0]})
+    assert reseeded.upstream_name == both.upstream_name == f"smoke-{reseeded.upstream_hash()}" != "smoke"
+    assert run_paths(reseeded, tmp_path).mock == run_paths(both, tmp_path).mock != base.mock
+    assert reseeded.run_name != both.run_name
+    assert load_profile("smoke", {"representations.dtype": "float32"}).upstream_name != "smoke"
+    assert load_profile("smoke", {"representations.neighbours": 3}).upstream_name == "smoke"
+
+
 def test_provenance_line_names_profile_seed_commit_and_hash():
     profile = load_profile("smoke", {"mock.seed": 3})
     line = Provenance.of(profile).line()
