@@ -574,22 +574,26 @@ class _Frame:
         multiply-adds, exact for whole-pixel positions), then one ``grid_sample`` call,
         (n, 5, Ho, Wo)."""
         n = affine.shape[0]
-        j = _pixel_grid(1, out_w, affine.device, affine.dtype)[0].reshape(1, 1, 1, out_w)
-        i = _pixel_grid(out_h, 1, affine.device, affine.dtype)[1].reshape(1, 1, out_h, 1)
+        j, i = _pixel_axes(out_h, out_w, affine.device, affine.dtype)      # (1, 1, 1, Wo), (1, 1, Ho, 1)
         a = affine[:, :, :, None, None]                                             # (n, 2, 3, 1, 1)
-        coords = torch.addcmul(torch.addcmul(a[:, :, 2], a[:, :, 0], j), a[:, :, 1], i)  # (n, 2, Ho, Wo)
         grid = torch.empty(n, out_h, out_w, 2, device=self.buffer.device, dtype=self.buffer.dtype)
-        grid.permute(0, 3, 1, 2).copy_(coords)                   # (n, Ho, Wo, 2), rounded once
+        if affine.device.type == "cpu":               # per axis, straight into the grid (cache-friendly)
+            for axis in range(2):
+                torch.add(a[:, axis, 0] * j[0], a[:, axis, 1] * i[0] + a[:, axis, 2], out=grid[..., axis])
+        else:                                         # three kernels for both axes
+            coords = torch.addcmul(torch.addcmul(a[:, :, 2], a[:, :, 0], j), a[:, :, 1], i)  # (n, 2, Ho, Wo)
+            grid.permute(0, 3, 1, 2).copy_(coords)               # (n, Ho, Wo, 2), rounded once
         return F.grid_sample(self.buffer[:n], grid, mode="bilinear", padding_mode="zeros",
                              align_corners=True)                                   # (n, 5, Ho, Wo)
 
 
 @lru_cache(maxsize=16)
-def _pixel_grid(out_h: int, out_w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Rows ``(j, i, 1)`` of every output pixel (row i, column j) as the columns of a (3, Ho*Wo)
-    matrix, cached per device."""
-    i, j = torch.meshgrid(torch.arange(out_h, dtype=dtype), torch.arange(out_w, dtype=dtype), indexing="ij")
-    return torch.stack([j.reshape(-1), i.reshape(-1), torch.ones(out_h * out_w, dtype=dtype)]).to(device)
+def _pixel_axes(out_h: int, out_w: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Column indices j (1, 1, 1, Wo) and row indices i (1, 1, Ho, 1) of the output pixels,
+    cached per device."""
+    j = torch.arange(out_w, dtype=dtype).reshape(1, 1, 1, out_w).to(device)
+    i = torch.arange(out_h, dtype=dtype).reshape(1, 1, out_h, 1).to(device)
+    return j, i
 
 
 def _affine(angle: np.ndarray, dy: np.ndarray, dx: np.ndarray, h: int, w: int, out_h: int, out_w: int,
@@ -799,7 +803,12 @@ def _noise_field(shape: tuple[int, ...], seed: int, device: torch.device, out: T
         out.copy_(_noise_field(shape, seed, device))
         return out
     if device.type != "cpu":
-        gen = torch.Generator(device=device)
+        gens = getattr(_SCRATCH, "generators", None)
+        if gens is None:
+            gens = _SCRATCH.generators = {}
+        gen = gens.get(device)                         # one per device and thread, re-seeded:
+        if gen is None:                                # the same stream as a fresh generator
+            gen = gens[device] = torch.Generator(device=device)
         gen.manual_seed(seed)
         if out is None:
             return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
@@ -915,6 +924,13 @@ class _ViewPlan:
     gamma: Tensor | None = None
     kernels: Tensor | None = None
     radius: int = 0
+
+    def on(self, device: torch.device) -> _ViewPlan:
+        """This plan with its tensors on ``device`` (itself if they are there already)."""
+        tensors = (self.affine, self.factor, self.gamma, self.kernels)
+        if all(t is None or t.device == device for t in tensors):
+            return self
+        return _move_to([self], device)[0]
 
 
 def _sources(params: AugmentationParams) -> tuple:
@@ -1160,7 +1176,7 @@ class AugmentationPipeline:
             return batch.new_empty(0, c, self.crop_size, self.crop_size)
         if self.jitter_crop is not None:
             _check_shifts("AugmentationPipeline", params.jitter_crop.shifts, self.jitter_crop.max_jitter)
-        plan = _move_to([self._plan_for(params, x)], x.device)[0]
+        plan = self._plan_for(params, x).on(x.device)
         seeds = [params.noise.seed] if self.noise is not None else []
         shifts = params.jitter_crop.shifts if self.jitter_crop is not None else None
         return self._run(x, plan, seeds, params.psf, shifts).to(batch.dtype)
@@ -1279,7 +1295,7 @@ class TwoViews:
             _check_batch("TwoViews", batch)
             _check_crop_fits("TwoViews", batch, pipe.crop_size, pipe.jitter_crop.max_jitter if pipe.jitter_crop else 0)
             x = batch.to(_compute_dtype(batch.dtype))
-            plan = _move_to([joint.plan], x.device)[0]
+            plan = joint.plan.on(x.device)
             seeds = [query.noise.seed, key.noise.seed] if pipe.noise is not None else []
             shifts = joint.jitter_crop.shifts if pipe.jitter_crop is not None else None
             out = pipe._run(x, plan, seeds, joint.psf, shifts, copies=2).to(batch.dtype)

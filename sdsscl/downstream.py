@@ -198,15 +198,17 @@ def step_lr_factor(step: int, total: int, milestones: Sequence[float]) -> float:
 
 @torch.no_grad()
 def predict(net: nn.Module, task: Task, images: Images, rows=None, crop_size: int = 64,
-            batch_size: int = 256) -> np.ndarray:
-    """Predictions on centre-cropped images: P (N,) or p(z) (N, n_bins), float32."""
+            batch_size: int = 256, num_workers: int = 0) -> np.ndarray:
+    """Predictions on centre-cropped images: P (N,) or p(z) (N, n_bins), float32 (images read
+    from the survey files come through ``num_workers`` reader processes)."""
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     device = next(net.parameters()).device
     crop = CenterCrop(crop_size=crop_size)
     was_training = net.training
     net.eval()
-    out = [task.predict(net(crop(images[rows[i:i + batch_size]]).to(device))).float().cpu()
-           for i in range(0, len(rows), batch_size)]
+    chunks = (rows[i:i + batch_size] for i in range(0, len(rows), batch_size))
+    out = [task.predict(net(crop(x).to(device))).float().cpu()
+           for x in _batches(images, chunks, num_workers, pin=device.type == "cuda")]
     net.train(was_training)
     if not out:
         return np.zeros((0,) if task.kind == "binary" else (0, task.n_outputs), np.float32)
@@ -227,7 +229,7 @@ class FitResult:
 def fit(net: Network, task: Task, images: Images, train_rows, train_targets, val_rows, val_targets,
         schedule: ScheduleConfig, augment: AugmentConfig, *, pretrained: bool, seed: int,
         out_dir: Path | None = None, device: str | None = None, progress: bool = False,
-        max_steps: int | None = None, evaluate_start: bool = False) -> FitResult:
+        max_steps: int | None = None, evaluate_start: bool = False, num_workers: int = 0) -> FitResult:
     """Train ``net`` on ``images[train_rows]`` (targets: P in [0, 1], or bin indices), keep
     the state with the best validation score.
 
@@ -237,7 +239,9 @@ def fit(net: Network, task: Task, images: Images, train_rows, train_targets, val
     a checkpoint is written at each evaluation and a killed run resumes from it exactly;
     ``max_steps`` stops after that many steps in all, after a checkpoint (as a kill would).
     ``evaluate_start`` makes the untrained state (step 0) a candidate too: a head started
-    from the linear probe is then never worse on validation than the probe.
+    from the linear probe is then never worse on validation than the probe. Images read from
+    the survey files (sets too large for memory) come through ``num_workers`` reader
+    processes that prefetch the next batches; the batches are the same either way.
     """
     env = init_distributed(device)
     train_rows, val_rows = np.asarray(train_rows), np.asarray(val_rows)
@@ -297,7 +301,7 @@ def fit(net: Network, task: Task, images: Images, train_rows, train_targets, val
         if env.world_size > 1:  # BatchNorm statistics are per process: evaluate rank 0's everywhere
             for buffer in net.buffers():
                 dist.broadcast(buffer, 0)
-        pred = predict(net, task, images, val_rows, crop_size=augment.crop_size)
+        pred = predict(net, task, images, val_rows, crop_size=augment.crop_size, num_workers=num_workers)
         score = task.score(pred, np.asarray(val_targets))
         history.append({"step": step, "loss": loss_value, "val_score": score})
         if logger is not None:
@@ -315,9 +319,11 @@ def fit(net: Network, task: Task, images: Images, train_rows, train_targets, val
 
         bar = tqdm(total=steps, initial=step, unit="step", desc=f"{task.name}", leave=False)
     model.train()
+    batches = _batches(images, (train_rows[batch_rows(s)] for s in range(step, steps)), num_workers,
+                       pin=cuda)
     while step < steps:
         pos = batch_rows(step)
-        x = pipeline(images[train_rows[pos]].to(env.device), generator)  # (b, 5, 64, 64)
+        x = pipeline(next(batches).to(env.device, non_blocking=cuda), generator)  # (b, 5, 64, 64)
         y = train_targets[pos].to(env.device)
         factor = step_lr_factor(step, steps, schedule.milestones)
         for group in opt.param_groups:
@@ -349,6 +355,20 @@ def fit(net: Network, task: Task, images: Images, train_rows, train_targets, val
     if best_state is not None:
         net.load_state_dict(best_state)
     return FitResult(net=net, best_score=best_score, best_step=best_step, steps=steps, history=history)
+
+
+def _stack_images(items) -> Tensor:
+    return torch.stack([it["image"] for it in items])
+
+
+def _batches(images: Images, row_batches: Iterable[np.ndarray], num_workers: int, pin: bool):
+    """The image batches of ``row_batches`` in order: indexed in memory, or, for images read
+    from the survey files, through a DataLoader whose worker processes read ahead."""
+    if isinstance(images.source, Tensor) or num_workers == 0:
+        return (images[rows] for rows in row_batches)
+    loader = torch.utils.data.DataLoader(images.source, batch_sampler=row_batches, num_workers=num_workers,
+                                         collate_fn=_stack_images, pin_memory=pin, prefetch_factor=4)
+    return iter(loader)
 
 
 # ----------------------------------------------------------------------------- linear probe
@@ -539,7 +559,7 @@ def _train_and_predict(kind: str, task: Task, data: LabelledData, train_rows, tr
             net.head.bias.copy_(info["bias"])
     res = fit(net, task, data.images, train_rows, train_y, val_rows, val_y, schedule, profile.augment,
               pretrained=finetune, seed=seed, out_dir=work, device=device, progress=progress,
-              evaluate_start=from_probe)
+              evaluate_start=from_probe, num_workers=profile.pretrain.num_workers)  # reader processes
     pred = predict(res.net, task, data.images, data.split_rows["test"], crop_size=profile.augment.crop_size)
     return pred, {"best_step": res.best_step, "steps": res.steps, "val_score": res.best_score,
                   "history": res.history}

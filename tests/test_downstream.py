@@ -104,6 +104,38 @@ def test_killed_and_resumed_fit_equals_uninterrupted(tmp_path):
     assert steps == sorted(set(steps))
 
 
+def test_images_read_from_files_through_workers_train_the_same_network(tmp_path):
+    # Sets too large for memory are read from the survey files by DataLoader workers: the
+    # batches, and so the trained weights, are those of the in-memory run.
+    import h5py
+
+    from sdsscl.data import SurveyDataset
+
+    images, p = _toy_images()
+    n = len(images)
+    path = tmp_path / "labelled.h5"
+    with h5py.File(path, "w") as f:
+        f["images"] = images.source.numpy()
+        f["e_bv"] = np.zeros((n, 5), np.float32)
+        f["ra"], f["dec"] = np.zeros(n), np.zeros(n)
+        f["ObjID"] = 1237648720693755904 + np.arange(n, dtype=np.int64)
+        f["specObjID"] = np.full(n, -1, np.int64)
+        f["specz_redshift"] = f["specz_redshift_err"] = np.full(n, np.nan)
+    task = ds.morphology_task("smooth")
+    args = (task, np.arange(32), p[:32], np.arange(32, 48), p[32:48], schedule(), AUGMENT)
+
+    def run(source, workers):
+        torch.manual_seed(0)
+        net = ds.Network(build_encoder(TINY), 32, 1)
+        return ds.fit(net, args[0], source, *args[1:], pretrained=False, seed=4, num_workers=workers)
+
+    in_memory = run(images, 0)
+    from_files = run(ds.Images(SurveyDataset(path)), 2)
+    for (k, a), b in zip(in_memory.net.state_dict().items(), from_files.net.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert in_memory.history == from_files.history
+
+
 def test_label_subsets_are_nested_and_refuse_too_many():
     a = ds.label_subset(100, 10, seed=1, split_seed=5)
     b = ds.label_subset(100, 40, seed=1, split_seed=5)
