@@ -50,12 +50,15 @@ parameters, so ``apply`` is exactly repeatable; CPU and CUDA draw different fiel
 same seed (different generators), with the same per-band standard deviations. On the CPU the
 field is drawn in groups of 32 images with their own seeded generators, in parallel threads.
 
-Speed: the pipeline works a few images at a time on the CPU (cache-sized blocks and a reused
-zero frame, no whole-batch temporaries) and on the whole batch in a handful of kernels on a GPU,
-with no per-image Python loop and no host synchronisation (parameters travel through pinned
-memory; the PSF kernel size is fixed when the parameters are drawn). On a CPU shared with other
-busy processes, torch's multi-threaded kernels stall at every parallel region; there
-``torch.set_num_threads(1)`` (as in DataLoader workers) is faster.
+Speed: the pipeline works a few images at a time on the CPU (cache-sized blocks, PSF blocks
+sorted by width so that most need short kernels, a reused zero frame, no whole-batch
+temporaries) and on the whole batch in a handful of kernels on a GPU. All of a view's randomness
+is one draw of uniform numbers (``Augmentation.from_uniform``); what ``apply`` derives from the
+parameters (the sampling maps, band factors and PSF kernels: the *plan*) is computed with numpy
+on the CPU when they are drawn, and everything reaches the GPU in one pinned copy, with no host
+synchronisation. :class:`TwoViews` draws both MoCo views as one batch and, on a GPU, applies them
+in one pass. On a CPU shared with other busy processes, torch's multi-threaded kernels stall at
+every parallel region; there ``torch.set_num_threads(1)`` (as in DataLoader workers) is faster.
 
 No GPU is touched at import; devices come from the inputs.
 """
@@ -1003,26 +1006,24 @@ def _move_to(objects: list, device: torch.device | str) -> list:
     groups: dict[torch.dtype, list[int]] = {}
     for k, t in enumerate(leaves):
         groups.setdefault(t.dtype, []).append(k)
-    layout, total = [], 0                                  # (dtype, byte offset, [(k, start, stop)])
+    layout, total = [], 0                # per dtype: (dtype, byte offset, item size, count, items)
     for dtype, ks in groups.items():
-        size, items = torch.empty(0, dtype=dtype).element_size(), []
-        start = 0
-        for k in ks:
-            items.append((k, start, start + leaves[k].numel()))
-            start += leaves[k].numel()
-        layout.append((dtype, total, start, items))
-        total += -(-start * size // 8) * 8
+        size, items, count = leaves[ks[0]].element_size(), [], 0
+        for k in ks:                                        # (leaf, first element, end)
+            items.append((k, count, count + leaves[k].numel()))
+            count += leaves[k].numel()
+        layout.append((dtype, total, size, count, items))
+        total += -(-count * size // 8) * 8
     staging = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
     raw = staging.numpy()
-    for dtype, offset, count, items in layout:
-        typed = raw[offset:offset + count * leaves[items[0][0]].element_size()].view(
-            leaves[items[0][0]].numpy().dtype)
+    for _, offset, size, count, items in layout:
+        typed = raw[offset:offset + count * size].view(_numpy(leaves[items[0][0]]).dtype)
         for k, start, stop in items:
             typed[start:stop] = _numpy(leaves[k]).reshape(-1)
     on_device = staging.to(device, non_blocking=device.type == "cuda")
     moved: list[Tensor | None] = [None] * len(leaves)
-    for dtype, offset, count, items in layout:
-        typed = on_device[offset:offset + count * torch.empty(0, dtype=dtype).element_size()].view(dtype)
+    for dtype, offset, size, count, items in layout:
+        typed = on_device[offset:offset + count * size].view(dtype)
         for k, start, stop in items:
             part = typed[start:stop]
             moved[k] = part if leaves[k].ndim == 1 else part.view(leaves[k].shape)
