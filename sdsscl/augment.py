@@ -657,6 +657,8 @@ def rotate_crop(batch: Tensor, angle: Tensor | None, shifts: Tensor | None,
     on the missing neighbours are zero). The image is placed in a zero frame of side
     ``2**k + 1`` so that grid coordinates are exact (``_dyadic_frame``): a zero angle reproduces
     the integer crop bit for bit, and a multiple of 90 degrees reproduces ``torch.rot90``.
+    The sampling maps are made with numpy on the host, so angles on a GPU are read back once
+    (the pipeline avoids that: it makes them where the parameters are drawn).
     """
     b, c, h, w = batch.shape
     out_h, out_w, top0, left0 = _crop_geometry(h, w, crop_size)
