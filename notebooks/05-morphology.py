@@ -46,7 +46,7 @@ import numpy as np
 
 from sdsscl import gz2
 from sdsscl.config import load_profile
-from sdsscl.downstream import MODELS, aggregate, describe_schedule, run_morphology
+from sdsscl.downstream import MODELS, aggregate, describe_schedule, kept_start, run_morphology
 from sdsscl.metrics import label_efficiency
 from sdsscl.paper import FEW_LABELS
 from sdsscl.plotting import MODEL_LABELS, label_curves, vote_fraction_grid
@@ -90,6 +90,7 @@ t0 = time.perf_counter()
 summary = run_morphology(cfg, runs_dir, progress=False)
 print(f"{len(summary['runs'])} networks; this execution took {time.perf_counter() - t0:.0f} s")
 records = summary["runs"]
+print(kept_start(records))
 rows = []
 for q in mc.questions:
     n = summary["n_labelled"][q]
@@ -230,7 +231,10 @@ record = write_metrics("morphology_summary", {
 # network trains for the same few dozen steps: the supervised CNN is far from converged,
 # which favours the pretrained models more than the paper's 100-epoch training does, and
 # the fine-tuned head starts from the linear probe (`head_init: probe`, {cite:p}`kumar2022`), so on validation
-# it can only match or improve on the probe. The mock's labels are simulated volunteers
+# it can only match or improve on the probe. Where validation kept step 0 (the line printed
+# after the sweep), the fine-tuned row *is* the linear probe: no evaluation after a
+# fine-tuning step beat it. `benchmarks/finetune_trace.py` traces a fine-tuning run step by step
+# for each way of starting it (the issue notes give what it found). The mock's labels are simulated volunteers
 # (`sdsscl.mock.volunteers`) whose votes depend on the generator's true morphology.
 #
 # ## Reproduce

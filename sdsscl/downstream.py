@@ -799,6 +799,15 @@ def run_ablation(profile: Profile, runs_dir=None, device: str | None = None, pro
 
 
 # ----------------------------------------------------------------------------- summaries
+def kept_start(records: Sequence[dict]) -> str:
+    """One line: for how many fine-tuned networks validation kept the starting state (step 0:
+    with ``head_init: probe``, the linear probe itself)."""
+    tuned = [r for r in records if r["model"] == "finetune"]
+    at_start = sum(r["best_step"] == 0 for r in tuned)
+    return (f"validation kept the starting state (step 0) for {at_start} of {len(tuned)} fine-tuned networks"
+            + (": for those, no later evaluation improved on it" if at_start else ""))
+
+
 def aggregate(records: Sequence[dict], keys: Sequence[str], metric: str) -> dict[tuple, dict]:
     """Mean, standard deviation (over seeds) and count of ``metrics[metric]`` per value of
     ``keys`` (e.g. ("question", "model", "count")); NaN values are left out and counted."""
