@@ -43,13 +43,13 @@ import numpy as np
 
 from sdsscl.config import load_profile
 from sdsscl.constants import BANDS, R_BAND, R_SF11, ebv_from_extinction, nmgy_to_mag
-from sdsscl.data import SurveyDataset, gz2_min_votes, has_specz, make_splits, save_splits
+from sdsscl.data import SurveyDataset, gz2_min_votes, has_specz
 from sdsscl.gz2 import TREE
 from sdsscl.mock import load_reference_catalog, summarize_mock
 from sdsscl.paper import DATASET
 from sdsscl.plotting import show_galaxies
 from sdsscl.provenance import (Provenance, Table, data_files, ensure_mock, run_paths, save_figure, training_mad,
-                               write_metrics)
+                               write_metrics, write_splits)
 
 cfg = load_profile(profile, overrides)
 paths = run_paths(cfg, runs_dir)
@@ -267,9 +267,7 @@ if is_mock:
 
 # %%
 fractions = {"train": cfg.data.split.train, "val": cfg.data.split.val, "test": cfg.data.split.test}
-labelled_set = survey.subset(labelled)
-splits = make_splits(labelled_set.objids, fractions, seed=cfg.data.split_seed)
-save_splits(splits, paths.splits, seed=cfg.data.split_seed, fractions=fractions)
+splits = write_splits(cfg, paths, survey.subset(labelled))
 mad = training_mad(cfg, paths, survey)
 rows = [(f"labelled {name}", len(ids), fractions[name]) for name, ids in splits.items()]
 rows += [(f"band MAD {b} (nmgy)", float(v), None) for b, v in zip(BANDS, mad)]

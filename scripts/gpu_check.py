@@ -20,8 +20,8 @@ import torch
 
 from sdsscl import downstream
 from sdsscl.config import load_profile, parse_override
-from sdsscl.data import SurveyDataset, has_specz, make_splits, save_splits
-from sdsscl.provenance import data_files, ensure_mock, run_paths, training_mad
+from sdsscl.data import SurveyDataset, has_specz
+from sdsscl.provenance import data_files, ensure_mock, run_paths, training_mad, write_splits
 from sdsscl.representations import load_representations, run_extraction
 from sdsscl.train import run_pretraining
 
@@ -50,11 +50,7 @@ def main(argv=None):
     def splits():
         files = data_files(profile, paths)
         survey = SurveyDataset(sorted(set(files["unlabelled"]) | set(files["labelled"])))
-        labelled = survey.subset(has_specz(survey.column("specz_redshift")))
-        fractions = {"train": profile.data.split.train, "val": profile.data.split.val,
-                     "test": profile.data.split.test}
-        save_splits(make_splits(labelled.objids, fractions, seed=profile.data.split_seed), paths.splits,
-                    seed=profile.data.split_seed, fractions=fractions)
+        write_splits(profile, paths, survey.subset(has_specz(survey.column("specz_redshift"))))
         training_mad(profile, paths, survey)
 
     print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "

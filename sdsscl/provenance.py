@@ -326,6 +326,18 @@ class Table:
     __repr__ = __str__
 
 
+def write_splits(profile: Profile, paths: RunPaths, labelled) -> dict[str, np.ndarray]:
+    """Split the labelled galaxies (a dataset with ``objids``) into train/validation/test by
+    ObjID with ``data.split`` and ``data.split_seed``, save them to ``runs/<profile>/splits.json``
+    for every later chapter and script, and return them."""
+    from .data import make_splits, save_splits
+
+    fractions = {"train": profile.data.split.train, "val": profile.data.split.val, "test": profile.data.split.test}
+    splits = make_splits(labelled.objids, fractions, seed=profile.data.split_seed)
+    save_splits(splits, paths.splits, seed=profile.data.split_seed, fractions=fractions)
+    return splits
+
+
 def training_mad(profile: Profile, paths: RunPaths, dataset) -> np.ndarray:
     """The run's per-band MAD that scales the noise augmentation (Section 2).
 
