@@ -255,13 +255,19 @@ class GalacticReddening(Augmentation):
     def factors(self, ebv: Tensor, like: Tensor) -> Tensor:
         """Flux factors ``10**(-0.4 R_b E)``, shape (B, 5), in ``like``'s computation dtype."""
         coeff = _band_constant(self.coefficients, like)                   # (5,)
-        return torch.pow(10.0, -0.4 * coeff * ebv.to(coeff.dtype)[:, None])  # (B, 5)
+        return _flux_factors(ebv.to(coeff.dtype), coeff)                  # (B, 5)
 
     def apply(self, batch: Tensor, params: ReddeningParams) -> Tensor:
         _check_batch("GalacticReddening", batch)
         _check_params_batch("GalacticReddening", batch, params.ebv.shape[0])
         f = self.factors(params.ebv, batch)                              # (B, 5)
         return (batch.to(f.dtype) * f[:, :, None, None]).to(batch.dtype)  # (B, 5, H, W)
+
+
+def _flux_factors(ebv, coefficients):
+    """``10**(-0.4 R_b E(B-V))`` per image and band, (B, 5), from E(B-V) (B,) and R_b (5,): both
+    numpy arrays (the plan, on the host) or both tensors (``GalacticReddening.factors``)."""
+    return 10.0 ** (-0.4 * coefficients * ebv[:, None])
 
 
 class Deredden:
@@ -1137,7 +1143,8 @@ class AugmentationPipeline:
             plan.affine = torch.from_numpy(_affine(angle, shifts[:, 0], shifts[:, 1], h, w,
                                                    out_h, out_w, top0, left0))                # (B, 2, 3)
         if self.reddening is not None:
-            factor = 10.0 ** (-0.4 * np.outer(_numpy(params.reddening.ebv), self.reddening.coefficients))
+            factor = _flux_factors(_numpy(params.reddening.ebv).astype(np.float64),
+                                   np.asarray(self.reddening.coefficients))
             plan.factor = torch.from_numpy(factor.astype(np_dtype)[:, :, None, None])      # (B, 5, 1, 1)
         if self.noise is not None:
             gamma = np.outer(_numpy(params.noise.level), self.noise.mad)

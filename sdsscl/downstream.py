@@ -319,8 +319,8 @@ def fit(net: Network, task: Task, images: Images, train_rows, train_targets, val
 
         bar = tqdm(total=steps, initial=step, unit="step", desc=f"{task.name}", leave=False)
     model.train()
-    batches = _batches(images, (train_rows[batch_rows(s)] for s in range(step, steps)), num_workers,
-                       pin=cuda)
+    batches = (_batches(images, (train_rows[batch_rows(s)] for s in range(step, steps)), num_workers, pin=cuda)
+               if step < steps else iter(()))         # a finished run starts no reader processes
     while step < steps:
         pos = batch_rows(step)
         x = pipeline(next(batches).to(env.device, non_blocking=cuda), generator)  # (b, 5, 64, 64)
