@@ -370,7 +370,7 @@ def _blur_taps(x: Tensor, k: Tensor, out: Tensor | None = None) -> Tensor:
         out = x.new_empty(g, h, w)
     if r == 0:
         return torch.mul(x, kk[:, 0], out=out)
-    along_y = x * kk[:, r]                                       # (G, H, W)
+    along_y = torch.mul(x, kk[:, r], out=_scratch("blur", (g, h, w), x))  # (G, H, W)
     for d in range(1, min(r, h - 1) + 1):                        # rows i - d and i + d
         along_y[:, d:].addcmul_(x[:, :h - d], kk[:, r - d])
         along_y[:, :h - d].addcmul_(x[:, d:], kk[:, r + d])
@@ -501,7 +501,7 @@ class PSFBlur(Augmentation):
             if isinstance(blk, slice):
                 self._blur_block(x[blk], kernels[blk], radius, r, out=out[blk])
             else:
-                out.index_copy_(0, blk, self._blur_block(_take(x, blk), _take(kernels, blk), radius, r))
+                out.index_copy_(0, blk, self._blur_block(_take(x, blk, "block"), _take(kernels, blk), radius, r))
         return out.to(batch.dtype)
 
 
@@ -538,10 +538,29 @@ def _dyadic_frame(size: int) -> int:
     return (1 << max(1, (size - 1 - 1).bit_length())) + 1
 
 
-def _take(t: Tensor, blk: slice | Tensor) -> Tensor:
+def _scratch(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A scratch tensor of ``shape`` (dtype and device of ``like``), kept per thread and reused
+    by the next call that asks for ``name``: on the CPU, a fresh multi-megabyte tensor per block
+    costs more in page faults than the arithmetic done in it."""
+    store = getattr(_SCRATCH, "tensors", None)
+    if store is None:
+        store = _SCRATCH.tensors = {}
+    n = math.prod(shape)
+    buf = store.get(name)
+    if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+        buf = store[name] = torch.empty(n, dtype=like.dtype, device=like.device)
+    return buf[:n].view(shape)
+
+
+def _take(t: Tensor, blk: slice | Tensor, scratch: str | None = None) -> Tensor:
     """Rows ``blk`` of ``t``: a view for a slice, a contiguous gather (``index_select``, a row-wise
-    copy, much faster than advanced indexing on the CPU) for an index tensor."""
-    return t[blk] if isinstance(blk, slice) else t.index_select(0, blk)
+    copy, much faster than advanced indexing on the CPU) for an index tensor, into the reused
+    scratch tensor ``scratch`` if named (valid until the next gather into it)."""
+    if isinstance(blk, slice):
+        return t[blk]
+    if scratch is None:
+        return t.index_select(0, blk)
+    return torch.index_select(t, 0, blk, out=_scratch(scratch, (blk.numel(), *t.shape[1:]), t))
 
 
 def _block_len(blk: slice | Tensor, n: int) -> int:
@@ -1226,14 +1245,15 @@ class AugmentationPipeline:
             n = _block_len(blk, b)
             if frame is not None:                         # sky image into the frame, blurred or not
                 if radius > 0:
-                    self.psf._blur_block(_take(x, blk), _take(plan.kernels, blk), radius, r, out=frame.inside(n))
+                    self.psf._blur_block(_take(x, blk, "block"), _take(plan.kernels, blk), radius, r,
+                                         out=frame.inside(n))
                 elif x.shape[0] < b:                      # copies of the batch, in one copy
                     frame.inside(n).view(copies, n1, c, h, w).copy_(x.expand(copies, n1, c, h, w))
                 else:
                     frame.inside(n).copy_(_take(x, blk))
                 crop = frame.resample(_take(plan.affine, blk), out_h, out_w)           # (n, 5, S, S)
             else:
-                src = _take(x, blk)
+                src = _take(x, blk, "block")
                 if radius > 0:
                     src = self.psf._blur_block(src, _take(plan.kernels, blk), radius, r)
                 crop = _integer_crop(src, top0 + _take(dy, blk), left0 + _take(dx, blk), s)  # (n, 5, S, S)
@@ -1241,7 +1261,7 @@ class AugmentationPipeline:
             # out = noise * gamma + crop * factor, in place in the noise field.
             f = _take(plan.factor, blk) if plan.factor is not None else None          # (n, 5, 1, 1)
             if plan.gamma is not None:
-                o = _take(out, blk).mul_(_take(plan.gamma, blk))
+                o = _take(out, blk, "noise").mul_(_take(plan.gamma, blk))
                 if f is not None:
                     o.addcmul_(crop, f)
                 else:
