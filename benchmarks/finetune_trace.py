@@ -26,12 +26,12 @@ import time
 
 import numpy as np
 import torch
+from photoz_recipes import photoz_inputs  # benchmarks/, beside this script
 
 from sdsscl import downstream as ds
 from sdsscl.augment import AugmentationPipeline
 from sdsscl.config import load_profile, parse_override
 from sdsscl.metrics import photoz_metrics
-from sdsscl.provenance import run_paths
 
 
 def main(argv=None):
@@ -46,11 +46,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     profile = load_profile(args.profile, dict(parse_override(s) for s in args.set))
-    paths = run_paths(profile)
     cfg = profile.photoz
-    task = ds.photoz_task(cfg.bins, cfg.z_max)
-    data = ds.labelled_data(profile, paths, deredden=True, columns=("specz_redshift",))
-    target = task.bins.encode(data.dataset.column("specz_redshift").astype(np.float64))
+    paths, task, data, _, target = photoz_inputs(profile)
     train, val = data.split_rows["train"], data.split_rows["val"][:args.val]
     ckpt = ds.moco_checkpoint(paths)
 
@@ -85,7 +82,7 @@ def main(argv=None):
             for m in net.encoder.modules():
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                     m.eval()
-        rows = train[rng.choice(len(train), 128, replace=False)]
+        rows = train[rng.choice(len(train), min(128, len(train)), replace=False)]
         loss = task.loss(net(pipeline(data.images[rows], generator)), torch.as_tensor(target[rows]))
         opt.zero_grad()
         loss.backward()

@@ -39,6 +39,15 @@ from sdsscl.provenance import run_paths
 RECIPES = ("supervised", "probe-ft", "random-ft", "random-ft-x1")
 
 
+def photoz_inputs(profile):
+    """The profile's run paths, photo-z task, labelled data (de-reddened), spec-z and bin targets."""
+    paths = run_paths(profile)
+    task = ds.photoz_task(profile.photoz.bins, profile.photoz.z_max)
+    data = ds.labelled_data(profile, paths, deredden=True, columns=("specz_redshift",))
+    z = data.dataset.column("specz_redshift").astype(np.float64)
+    return paths, task, data, z, task.bins.encode(z)
+
+
 def schedule_of(profile, recipe: str, steps: int):
     cfg = profile.photoz
     base = cfg.supervised if recipe == "supervised" else cfg.finetune
@@ -59,12 +68,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="JSON-lines file of results (appended)")
     args = ap.parse_args(argv)
     profile = load_profile(args.profile, dict(parse_override(s) for s in args.set))
-    paths = run_paths(profile)
     cfg = profile.photoz
-    task = ds.photoz_task(cfg.bins, cfg.z_max)
-    data = ds.labelled_data(profile, paths, deredden=True, columns=("specz_redshift",))
-    z = data.dataset.column("specz_redshift").astype(np.float64)
-    target = task.bins.encode(z)
+    paths, task, data, z, target = photoz_inputs(profile)
     rows = data.split_rows
     ckpt = ds.moco_checkpoint(paths)
     reps = None
