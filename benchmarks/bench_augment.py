@@ -124,15 +124,29 @@ def profile_calls(views: TwoViews, batch: torch.Tensor, seed: int, calls: int = 
         views(batch, gen)
     sync()
     t0 = time.perf_counter()
-    params = [views.sample(batch.shape[0], gen, device=batch.device) for _ in range(calls)]
+    if batch.device.type == "cpu":
+        params = [views.sample(batch.shape[0], gen, device=batch.device) for _ in range(calls)]
+    else:                                   # what views(batch) does on a GPU: the host's part first
+        jobs = [views._host_work(batch, gen) for _ in range(calls)]
     sync()
     t1 = time.perf_counter()
-    for p in params:
-        views.apply(batch, p)
+    if batch.device.type == "cpu":
+        for p in params:
+            views.apply(batch, p)
+    else:
+        for job in jobs:
+            views.pipeline._run(*job, copies=2)
     sync()
     t2 = time.perf_counter()
-    print(f"\nper call of {batch.shape[0]} images (best set): drawing {1e3 * (t1 - t0) / calls:.3f} ms, "
-          f"applying {1e3 * (t2 - t1) / calls:.3f} ms")
+    print(f"\nper call of {batch.shape[0]} images (best set): drawing {1e3 * (t1 - t0) / calls:.3f} ms "
+          f"(host: parameters, plan, its copy to the device), applying {1e3 * (t2 - t1) / calls:.3f} ms")
+    if not cuda:   # the host's part of a GPU call, with a shape-only ("meta") batch for the device
+        meta = torch.empty(batch.shape, device="meta")
+        t0 = time.perf_counter()
+        for _ in range(10 * calls):
+            views._host_work(meta, gen)
+        print(f"host work of the same call on a GPU (draw, plan, packing; a 'meta' batch stands in for "
+              f"the device, so no copy is made): {1e3 * (time.perf_counter() - t0) / (10 * calls):.3f} ms")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(calls):

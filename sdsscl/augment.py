@@ -57,8 +57,9 @@ is one draw of uniform numbers (``Augmentation.from_uniform``); what ``apply`` d
 parameters (the sampling maps, band factors and PSF kernels: the *plan*) is computed with numpy
 on the CPU when they are drawn, and everything reaches the GPU in one pinned copy, with no host
 synchronisation. :class:`TwoViews` draws both MoCo views as one batch and, on a GPU, applies them
-in one pass. On a CPU shared with other busy processes, torch's multi-threaded kernels stall at
-every parallel region; there ``torch.set_num_threads(1)`` (as in DataLoader workers) is faster.
+in one pass; its call there makes no per-view parameter objects and moves only the plan. On a
+CPU shared with other busy processes, torch's multi-threaded kernels stall at every parallel
+region; there ``torch.set_num_threads(1)`` (as in DataLoader workers) is faster.
 
 No GPU is touched at import; devices come from the inputs.
 """
@@ -647,8 +648,9 @@ def _affine(angle: np.ndarray, dy: np.ndarray, dx: np.ndarray, h: int, w: int, o
     # Multiples of pi/2 (to float32 rounding of the angle, |error| < 1e-6 rad, under 1e-4 px at
     # the corners) are made exact, so that they reproduce torch.rot90 bit for bit.
     on_y, on_x = np.abs(sin) < 1e-6, np.abs(cos) < 1e-6
-    cos, sin = (np.where(on_x, 0.0, np.where(on_y, np.sign(cos), cos)),
-                np.where(on_y, 0.0, np.where(on_x, np.sign(sin), sin)))
+    if on_y.any() or on_x.any():                          # rare in random draws: skip the work
+        cos, sin = (np.where(on_x, 0.0, np.where(on_y, np.sign(cos), cos)),
+                    np.where(on_y, 0.0, np.where(on_x, np.sign(sin), sin)))
     u0 = left0 + dx - cx                                                           # u at j = 0
     v0 = top0 + dy - cy                                                            # v at i = 0
     x0 = (cx + pad_x + cos * u0 - sin * v0) / half - 1.0
@@ -956,11 +958,13 @@ class _ViewPlan:
     radius: int = 0
 
     def on(self, device: torch.device) -> _ViewPlan:
-        """This plan with its tensors on ``device`` (itself if they are there already)."""
-        tensors = (self.affine, self.factor, self.gamma, self.kernels)
-        if all(t is None or t.device == device for t in tensors):
+        """This plan with its tensors on ``device`` (itself if they are there already), moved in
+        one copy."""
+        names = [k for k in ("affine", "factor", "gamma", "kernels") if getattr(self, k) is not None]
+        tensors = [getattr(self, k) for k in names]
+        if all(t.device == device for t in tensors):
             return self
-        return _move_to([self], device)[0]
+        return _clone(self, **dict(zip(names, _pack_to(tensors, device))))
 
 
 def _sources(params: AugmentationParams) -> tuple:
@@ -1026,10 +1030,30 @@ def _move_to(objects: list, device: torch.device | str) -> list:
         collect(obj)
     if all(t.device == device for _, _, t in slots):
         return objects
-    # One staging buffer of bytes (pinned for CUDA), tensors grouped by dtype at 8-byte-aligned
-    # offsets, filled through numpy (cheap on the host), one copy, then views on the device.
+    moved = _pack_to([t for _, _, t in slots], device)
+    copies: dict[int, object] = {}
+
+    def rebuild(obj):
+        new = copies.get(id(obj))
+        if new is None:
+            new = copies[id(obj)] = _clone(obj)
+            for name, value in vars(obj).items():
+                if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
+                    setattr(new, name, rebuild(value))
+        return new
+
+    out = [rebuild(obj) for obj in objects]
+    for (owner, name, _), t in zip(slots, moved):
+        setattr(copies[id(owner)], name, t)
+    return out
+
+
+def _pack_to(tensors: list[Tensor], device: torch.device) -> list[Tensor]:
+    """The tensors on ``device`` in one host-to-device copy: one staging buffer of bytes (pinned
+    for CUDA), tensors grouped by dtype at 8-byte-aligned offsets, filled through numpy (cheap on
+    the host), one copy, then views on the device."""
     leaves = [t.float() if device.type == "mps" and t.dtype == torch.float64 else t  # no float64 on MPS
-              for _, _, t in slots]
+              for t in tensors]
     groups: dict[torch.dtype, list[int]] = {}
     for k, t in enumerate(leaves):
         groups.setdefault(t.dtype, []).append(k)
@@ -1048,27 +1072,13 @@ def _move_to(objects: list, device: torch.device | str) -> list:
         for k, start, stop in items:
             typed[start:stop] = _numpy(leaves[k]).reshape(-1)
     on_device = staging.to(device, non_blocking=device.type == "cuda")
-    moved: list[Tensor | None] = [None] * len(leaves)
+    moved: list[Tensor] = [None] * len(leaves)  # type: ignore[list-item]
     for dtype, offset, size, count, items in layout:
         typed = on_device[offset:offset + count * size].view(dtype)
         for k, start, stop in items:
             part = typed[start:stop]
             moved[k] = part if leaves[k].ndim == 1 else part.view(leaves[k].shape)
-    copies: dict[int, object] = {}
-
-    def rebuild(obj):
-        new = copies.get(id(obj))
-        if new is None:
-            new = copies[id(obj)] = _clone(obj)
-            for name, value in vars(obj).items():
-                if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
-                    setattr(new, name, rebuild(value))
-        return new
-
-    out = [rebuild(obj) for obj in objects]
-    for (owner, name, _), t in zip(slots, moved):
-        setattr(copies[id(owner)], name, t)
-    return out
+    return moved
 
 
 class AugmentationPipeline:
@@ -1236,7 +1246,7 @@ class AugmentationPipeline:
             blocks = [(blk, 0) for blk in _blocks(b, device, _CPU_GEOMETRY_CHUNK)]
         if copies > 1 and (radius > 0 or plan.affine is None):
             x = x.repeat(copies, 1, 1, 1)                                          # (B, 5, H, W)
-        frame = None
+        frame, crops = None, None
         if plan.affine is not None:
             frame = _Frame(min(b, max(_block_len(blk, b) for blk, _ in blocks)), h, w, device, x.dtype)
         else:
@@ -1257,21 +1267,14 @@ class AugmentationPipeline:
                 if radius > 0:
                     src = self.psf._blur_block(src, _take(plan.kernels, blk), radius, r)
                 crop = _integer_crop(src, top0 + _take(dy, blk), left0 + _take(dx, blk), s)  # (n, 5, S, S)
-            # Reddening (a per-band factor: it commutes with the linear steps above), then noise:
-            # out = noise * gamma + crop * factor, in place in the noise field.
-            f = _take(plan.factor, blk) if plan.factor is not None else None          # (n, 5, 1, 1)
-            if plan.gamma is not None:
-                o = _take(out, blk, "noise").mul_(_take(plan.gamma, blk))
-                if f is not None:
-                    o.addcmul_(crop, f)
-                else:
-                    o.add_(crop)
-            else:
-                o = crop * f if f is not None else crop
-            if not isinstance(blk, slice):                # a gathered block: write it back
-                out.index_copy_(0, blk, o)
-            elif plan.gamma is None:
-                out[blk] = o
+            if isinstance(blk, slice):
+                _finish(out[blk], crop, plan, blk)
+            else:                                         # a sorted block: its crops back in place
+                if crops is None:
+                    crops = _scratch("crops", tuple(out.shape), out) if plan.gamma is not None else out
+                crops.index_copy_(0, blk, crop)
+        if crops is not None:                             # then finished in one pass
+            _finish(out, crops, plan, slice(None))
         return out
 
     def __call__(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -1281,6 +1284,23 @@ class AugmentationPipeline:
 
     def __repr__(self) -> str:
         return f"AugmentationPipeline(names={list(self.names)}, crop_size={self.crop_size})"
+
+
+def _finish(out: Tensor, crop: Tensor, plan: _ViewPlan, rows: slice) -> None:
+    """Reddening (a per-band factor: it commutes with the linear steps before it), then noise:
+    ``out = noise * gamma + crop * factor`` in place in the noise field ``out`` (the batch's
+    ``rows``; ``out`` holds no noise field and may be ``crop`` itself without noise)."""
+    f = plan.factor[rows] if plan.factor is not None else None                     # (n, 5, 1, 1)
+    if plan.gamma is not None:
+        out.mul_(plan.gamma[rows])
+        if f is not None:
+            out.addcmul_(crop, f)
+        else:
+            out.add_(crop)
+    elif f is not None:
+        torch.mul(crop, f, out=out)
+    elif crop is not out:
+        out.copy_(crop)
 
 
 class TwoViews:
@@ -1334,10 +1354,42 @@ class TwoViews:
         return pipe.apply(batch, query), pipe.apply(batch, key)
 
     def __call__(self, batch: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """(B, 5, H, W) -> (query, key), each (B, 5, 64, 64)."""
+        """(B, 5, H, W) -> (query, key), each (B, 5, 64, 64): ``apply(batch, sample(...))``.
+
+        On a GPU (the training loop's call) the same views come with less host work per call:
+        no per-view parameter objects are made and only the plan travels to the device.
+        """
         _check_batch("TwoViews", batch)
+        if batch.device.type != "cpu":
+            return self._one_pass(batch, generator)
         return self.apply(batch, self.sample(batch.shape[0], generator, device=batch.device,
                                              image_size=tuple(batch.shape[-2:])))
+
+    def _one_pass(self, batch: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Both views as one batch of 2B from one joint draw: the draws, seeds and ``_run`` of
+        ``apply(batch, sample(...))`` on a GPU, so the views are the same. Works on any device
+        (the tests run it on the CPU)."""
+        job = self._host_work(batch, generator)
+        n = batch.shape[0]
+        if n == 0:
+            empty = batch.new_empty(0, batch.shape[1], self.pipeline.crop_size, self.pipeline.crop_size)
+            return empty, empty.clone()
+        out = self.pipeline._run(*job, copies=2).to(batch.dtype)
+        return out[:n], out[n:]
+
+    def _host_work(self, batch: Tensor, generator: torch.Generator | None) -> tuple:
+        """The host's part of ``_one_pass``: draw both views, derive the plan and start its copy
+        to the batch's device. Returns the arguments of ``AugmentationPipeline._run``."""
+        pipe = self.pipeline
+        n, h, w = batch.shape[0], batch.shape[-2], batch.shape[-1]
+        _check_crop_fits("TwoViews", batch, pipe.crop_size, pipe.jitter_crop.max_jitter if pipe.jitter_crop else 0)
+        joint = pipe._draw(2 * n, generator, (h, w))
+        key_seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if pipe.noise else None
+        x = batch.to(_compute_dtype(batch.dtype))
+        plan = joint.plan if x.dtype == joint.plan.dtype else pipe._derive(joint, h, w, x.dtype)
+        seeds = [joint.noise.seed, key_seed] if pipe.noise is not None else []
+        shifts = joint.jitter_crop.shifts if pipe.jitter_crop is not None else None
+        return x, plan.on(x.device), seeds, joint.psf, shifts
 
     def __repr__(self) -> str:
         return f"TwoViews({self.pipeline!r})"

@@ -491,6 +491,28 @@ def test_both_views_in_one_pass_equal_the_views_one_by_one(names):
     assert torch.equal(q.jitter_crop.shifts, pipe.sample(6, gen(43)).jitter_crop.shifts)
 
 
+@pytest.mark.parametrize("names", [BEST_AUGMENTATIONS, AUGMENTATIONS, ("reddening", "psf", "jitter_crop", "noise")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_two_views_call_path_for_gpus_gives_the_views_of_sample_then_apply(names, dtype):
+    # On a GPU, TwoViews.__call__ draws both views without per-view parameter objects and moves
+    # only the plan (_one_pass, run here on the CPU). It must give the views apply(sample(...))
+    # gives with the same generator, and leave the generator in the same state.
+    x = random_batch(6, dtype=dtype)
+    views = TwoViews(AugmentationPipeline(names, mad=MAD))
+    g_fast, g_ref = gen(44), gen(44)
+    q, k = views._one_pass(x, g_fast)
+    q_ref, k_ref = views.apply(x, views.sample(6, g_ref))
+    assert q.dtype == dtype and q.shape == k.shape == (6, 5, CROP_SIZE, CROP_SIZE)
+    if names == BEST_AUGMENTATIONS and dtype == torch.float32:
+        assert torch.equal(q, q_ref) and torch.equal(k, k_ref)           # the same operations
+    else:   # the PSF: the batch's kernel half-width instead of the CPU blocks' (see the test below)
+        tol = 1e-3 if dtype == torch.float16 else 1e-6
+        torch.testing.assert_close(q, q_ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(k, k_ref, rtol=tol, atol=tol)
+    assert torch.equal(g_fast.get_state(), g_ref.get_state())
+    assert [t.shape for t in views._one_pass(x[:0], gen(1))] == [(0, 5, CROP_SIZE, CROP_SIZE)] * 2
+
+
 def test_psf_blocks_are_sorted_by_width_and_cover_every_image_once():
     psf = PSFBlur()
     p = psf.sample(100, gen(42))
@@ -528,6 +550,9 @@ def test_cpu_and_cuda_give_the_same_views():
     q, k = views.apply(x.cuda(), (pq, pk))
     torch.testing.assert_close(q, views.pipeline.apply(x.cuda(), pq), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(k, views.pipeline.apply(x.cuda(), pk), rtol=1e-6, atol=1e-6)
+    # The call on a GPU (no per-view parameter objects, only the plan moved) gives those views.
+    q2, k2 = views(x.cuda(), gen(29))
+    assert torch.equal(q2, q) and torch.equal(k2, k)
     # Quarter turns are exact on the GPU too.
     for k in range(4):
         angle = torch.full((3,), k * math.pi / 2)
