@@ -206,15 +206,16 @@ record = write_metrics("photoz_summary", {
 # `profiles/default.yaml`); where validation kept step 0 (the line printed after the sweep),
 # the fine-tuned row is the linear probe itself. The photometry-only reference uses the
 # catalogue's de-reddened Petrosian $r$ and model colours, which the image networks never see
-# (on the mock those catalogue fluxes carry no measurement noise, which flatters the reference
-# a little).
+# (on the mock those catalogue fluxes are measured: each carries Gaussian noise of its
+# catalogued error, from the S/N of the galaxy's image).
 #
 # ## Is it the fine-tuning recipe? A study at larger budgets (not rerun by this build)
 #
 # Whether a longer run or another recipe would let the pretrained encoder win was measured
 # apart from this build, with `benchmarks/photoz_recipes.py`, on the default profile's mock,
 # splits and pretrained encoder, on one NVIDIA H100 (the mock regenerated there from the same
-# seed). It trains the networks exactly as this chapter does, with every network given the
+# seed, with mock generator 1.0; version 1.1 changed only the catalogue photometry, not the
+# images). It trains the networks exactly as this chapter does, with every network given the
 # same number of steps. Test $\sigma_\mathrm{MAD}$ (mean of seeds 0 and 1 at 400 steps; seed
 # 0 alone at 200 and 800; "–": not finished in the time available):
 #

@@ -156,10 +156,29 @@ def test_reddening_recorded_equals_dimming_applied():
 def test_file_fluxes_and_extinction_consistent(mock_file):
     with h5py.File(mock_file) as f:
         e_bv = f["e_bv"][:]
-        flux = f["catalog/model_flux"][:]
+        flux = f["truth/model_flux"][:]
         dered = f["truth/flux_dered"][:]
     ebv = np.mean(e_bv / R_DR12, axis=1)
     np.testing.assert_allclose(flux / dered, 10 ** (-0.4 * R_SF11[None] * ebv[:, None]), rtol=1e-5)
+
+
+def test_catalogue_photometry_is_measured_with_its_catalogued_errors(mock_file):
+    # catalog/model_flux = true flux + N(0, ivar**-0.5); petro_mag has the same relative error
+    with h5py.File(mock_file) as f:
+        measured = f["catalog/model_flux"][:].astype(np.float64)
+        true = f["truth/model_flux"][:].astype(np.float64)
+        ivar = f["catalog/model_flux_ivar"][:].astype(np.float64)
+        snr = f["catalog/model_snr"][:].astype(np.float64)
+        petro, petro_true = f["catalog/petro_mag"][:], f["truth/petro_mag"][:]
+    pull = (measured - true) * np.sqrt(ivar)                          # (N, 5), should be N(0, 1)
+    assert pull.shape == (N_FILE, 5) and np.all(np.isfinite(pull))
+    assert np.all(np.abs(pull.mean(axis=0)) < 4 / np.sqrt(N_FILE))    # 4 sigma of the mean
+    np.testing.assert_allclose(pull.std(axis=0), 1.0, atol=0.12)      # ~5 sigma of the std at N = 384
+    assert stats.kstest(pull.ravel(), "norm").pvalue > 1e-3
+    assert not np.allclose(measured, true)
+    rel = (measured - true) / true                                    # = noise / S/N per band
+    np.testing.assert_allclose(np.abs(rel) * snr, np.abs(pull), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose((petro_true - petro) * np.log(10) / 2.5, rel, rtol=1e-3, atol=1e-5)
 
 
 def test_image_flux_matches_catalogue_flux(mock_file):
@@ -167,7 +186,7 @@ def test_image_flux_matches_catalogue_flux(mock_file):
         clean = (f["truth/contaminant"][:] == 0) & (f["catalog/petro_r90"][:] < 8.0)
         idx = np.flatnonzero(clean)[:60]
         imgs = f["images"][np.sort(idx)].astype(np.float64)
-        flux = f["catalog/model_flux"][np.sort(idx)]
+        flux = f["truth/model_flux"][np.sort(idx)]                     # without measurement noise
         sky = f["truth/sky_sigma"][np.sort(idx)]
     total = imgs.sum(axis=(2, 3))
     noise = sky * imgs.shape[-1]  # std of a sum of 107^2 sky pixels

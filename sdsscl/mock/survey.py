@@ -7,9 +7,16 @@ The file has exactly the layout of the authors' released data (DATA-FACTS): root
 ``truth/`` (the generating parameters). A galaxy without a spectrum has
 ``specz_redshift = NaN``, ``specz_redshift_err = NaN`` and ``specObjID = -1``.
 
-Determinism: the population comes from ``SeedSequence(seed, spawn_key=(0,))`` and galaxy i
-renders from ``SeedSequence(seed, spawn_key=(1, i))``, so a file is bit-identical whatever the
-number of worker processes. The file is written as ``<name>.partial`` chunk by chunk with a
+Catalogue photometry is *measured*: ``catalog/model_flux`` is the galaxy's observed model flux
+(``truth/model_flux``) plus Gaussian noise of its catalogued error ``model_flux_ivar**-0.5``
+(from the matched-filter S/N of its rendered image), and ``catalog/petro_mag`` carries the same
+relative error (to first order in magnitudes), as an SDSS catalogue's fluxes would. Very faint
+u-band fluxes can therefore be negative, as in SDSS.
+
+Determinism: the population comes from ``SeedSequence(seed, spawn_key=(0,))``, galaxy i
+renders from ``SeedSequence(seed, spawn_key=(1, i))`` and its catalogue noise comes from
+``SeedSequence(seed, spawn_key=(2, i))``, so a file is bit-identical whatever the number of
+worker processes. The file is written as ``<name>.partial`` chunk by chunk with a
 record of finished chunks; an interrupted run resumes from it, and only a finished file is
 renamed to its final name.
 """
@@ -37,7 +44,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "sdsscl-survey-1"
 GENERATOR = "sdsscl.mock"
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"   # 1.1: measured (noisy) catalogue photometry
 OBJID_BASE = 1_237_700_000_000_000_000
 SPECOBJID_BASE = 300_000_000_000_000_000
 
@@ -93,10 +100,11 @@ def _write_population(f: h5py.File, pop: Population, n: int) -> None:
     fwhm_r = c["psf_fwhm"][:, R_BAND]
     cat = f.create_group("catalog")
     cat.attrs["description"] = ("What an SDSS catalogue would list: observed (not "
-                                "extinction-corrected) fluxes and magnitudes, r-band radii")
-    cat.create_dataset("model_flux", data=flux_obs.astype(np.float32))
-    cat.create_dataset("petro_mag", data=nmgy_to_mag(flux_obs * c["petro_fraction"][:, None])
-                       .astype(np.float32))
+                                "extinction-corrected) fluxes and magnitudes with measurement "
+                                "noise of their catalogued errors, r-band radii")
+    # measured photometry: filled chunk by chunk once the images give each galaxy's S/N
+    cat.create_dataset("model_flux", shape=(n, N_BANDS), dtype=np.float32)
+    cat.create_dataset("petro_mag", shape=(n, N_BANDS), dtype=np.float32)
     # observed radii: intrinsic Petrosian radii broadened by the seeing (in quadrature with
     # the radii enclosing 50% / 90% of a Gaussian PSF's light)
     cat.create_dataset("petro_r50", data=np.hypot(c["petro_r50"], 0.5 * fwhm_r).astype(np.float32))
@@ -111,6 +119,10 @@ def _write_population(f: h5py.File, pop: Population, n: int) -> None:
     t["ebv"].attrs["description"] = ("SFD E(B-V); the image is dimmed by R_SF11 * E(B-V) "
                                      "(Schlafly & Finkbeiner 2011)")
     t.create_dataset("flux_dered", data=c["flux"].astype(np.float32))
+    t.create_dataset("model_flux", data=flux_obs.astype(np.float32))
+    t["model_flux"].attrs["description"] = "observed (dimmed) model flux without measurement noise, nmgy"
+    t.create_dataset("petro_mag", data=nmgy_to_mag(flux_obs * c["petro_fraction"][:, None]).astype(np.float32))
+    t["petro_mag"].attrs["description"] = "observed Petrosian magnitude without measurement noise"
     for key in ("morphology", "bulge_fraction", "sersic_n", "r_e_bulge", "r_e_disk",
                 "q_bulge", "axis_ratio", "inclination_deg", "disk_thickness",
                 "position_angle_deg", "has_bar", "bar_strength", "bar_length",
@@ -166,14 +178,26 @@ def _create_partial(partial: Path, pop: Population, n: int, seed: int, cfg: Mock
         prog.create_dataset("done", data=np.zeros(n_chunks, bool))
 
 
+def _measurement_noise(seed: int, start: int, k: int) -> np.ndarray:
+    """Standard normal catalogue noise (k, 5) of galaxies start..start+k-1, one stream each."""
+    return np.stack([np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2, i)))
+                     .standard_normal(N_BANDS) for i in range(start, start + k)]) if k else np.empty((0, N_BANDS))
+
+
 def _write_chunk(f: h5py.File, start: int, res: dict) -> None:
     k = len(res["images"])
     sl = slice(start, start + k)
     f["images"][sl] = res["images"]
     snr = res["snr"].astype(np.float32)
-    flux = f["catalog/model_flux"][sl]
+    flux = f["truth/model_flux"][sl]
     f["catalog/model_snr"][sl] = snr
     f["catalog/model_flux_ivar"][sl] = (snr / flux) ** 2
+    # measured photometry: the true flux plus noise of the catalogued error flux / S/N; the
+    # Petrosian magnitude with the same relative error, to first order (2.5 / ln 10 = 1.0857)
+    z = _measurement_noise(int(f.attrs["seed"]), start, k)
+    rel = z / snr.astype(np.float64)
+    f["catalog/model_flux"][sl] = (flux * (1.0 + rel)).astype(np.float32)
+    f["catalog/petro_mag"][sl] = (f["truth/petro_mag"][sl] - 2.5 / np.log(10) * rel).astype(np.float32)
     f["truth/model_flux_cutout"][sl] = res["flux_cutout"].astype(np.float32)
     f["truth/volunteer_p_mean"][sl] = res["p_mean"].astype(np.float32)
     for q in TREE:
