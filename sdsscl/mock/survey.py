@@ -180,8 +180,10 @@ def _create_partial(partial: Path, pop: Population, n: int, seed: int, cfg: Mock
 
 def _measurement_noise(seed: int, start: int, k: int) -> np.ndarray:
     """Standard normal catalogue noise (k, 5) of galaxies start..start+k-1, one stream each."""
-    return np.stack([np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2, i)))
-                     .standard_normal(N_BANDS) for i in range(start, start + k)]) if k else np.empty((0, N_BANDS))
+    z = np.empty((k, N_BANDS))
+    for j in range(k):
+        z[j] = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2, start + j))).standard_normal(N_BANDS)
+    return z
 
 
 def _write_chunk(f: h5py.File, start: int, res: dict) -> None:
