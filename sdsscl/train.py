@@ -335,6 +335,7 @@ def pretrain(cfg: PretrainConfig, augment: AugmentConfig, data, out_dir, mad=Non
                 "config": {"pretrain": cfg.to_dict(), "augment": asdict(augment)},
             }, ckpt_path)
 
+    # bfloat16 encoders on GPUs; the InfoNCE similarities stay float32 (moco.info_nce_loss)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     bar = None
     if progress and env.is_main:
