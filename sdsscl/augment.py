@@ -1343,14 +1343,9 @@ class TwoViews:
                 and joint.plan.dtype == _compute_dtype(batch.dtype)):
             # Both views in one pass over the batch: half the kernel launches and host work.
             _check_batch("TwoViews", batch)
-            _check_crop_fits("TwoViews", batch, pipe.crop_size, pipe.jitter_crop.max_jitter if pipe.jitter_crop else 0)
-            x = batch.to(_compute_dtype(batch.dtype))
-            plan = joint.plan.on(x.device)
+            self._check_fits(batch)
             seeds = [query.noise.seed, key.noise.seed] if pipe.noise is not None else []
-            shifts = joint.jitter_crop.shifts if pipe.jitter_crop is not None else None
-            out = pipe._run(x, plan, seeds, joint.psf, shifts, copies=2).to(batch.dtype)
-            n = batch.shape[0]
-            return out[:n], out[n:]
+            return self._both(batch, self._job(batch, joint, joint.plan, seeds))
         return pipe.apply(batch, query), pipe.apply(batch, key)
 
     def __call__(self, batch: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -1369,27 +1364,40 @@ class TwoViews:
         """Both views as one batch of 2B from one joint draw: the draws, seeds and ``_run`` of
         ``apply(batch, sample(...))`` on a GPU, so the views are the same. Works on any device
         (the tests run it on the CPU)."""
-        job = self._host_work(batch, generator)
-        n = batch.shape[0]
-        if n == 0:
-            empty = batch.new_empty(0, batch.shape[1], self.pipeline.crop_size, self.pipeline.crop_size)
-            return empty, empty.clone()
-        out = self.pipeline._run(*job, copies=2).to(batch.dtype)
-        return out[:n], out[n:]
+        return self._both(batch, self._host_work(batch, generator))
 
     def _host_work(self, batch: Tensor, generator: torch.Generator | None) -> tuple:
         """The host's part of ``_one_pass``: draw both views, derive the plan and start its copy
         to the batch's device. Returns the arguments of ``AugmentationPipeline._run``."""
         pipe = self.pipeline
         n, h, w = batch.shape[0], batch.shape[-2], batch.shape[-1]
-        _check_crop_fits("TwoViews", batch, pipe.crop_size, pipe.jitter_crop.max_jitter if pipe.jitter_crop else 0)
+        self._check_fits(batch)
         joint = pipe._draw(2 * n, generator, (h, w))
         key_seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if pipe.noise else None
-        x = batch.to(_compute_dtype(batch.dtype))
-        plan = joint.plan if x.dtype == joint.plan.dtype else pipe._derive(joint, h, w, x.dtype)
+        dtype = _compute_dtype(batch.dtype)
+        plan = joint.plan if dtype == joint.plan.dtype else pipe._derive(joint, h, w, dtype)
         seeds = [joint.noise.seed, key_seed] if pipe.noise is not None else []
-        shifts = joint.jitter_crop.shifts if pipe.jitter_crop is not None else None
+        return self._job(batch, joint, plan, seeds)
+
+    def _check_fits(self, batch: Tensor) -> None:
+        pipe = self.pipeline
+        _check_crop_fits("TwoViews", batch, pipe.crop_size, pipe.jitter_crop.max_jitter if pipe.jitter_crop else 0)
+
+    def _job(self, batch: Tensor, joint: AugmentationParams, plan: _ViewPlan, seeds: list[int]) -> tuple:
+        """The arguments of ``AugmentationPipeline._run`` for both views of ``batch`` drawn as
+        ``joint``, with ``plan`` (for the batch's size and precision) moved to its device."""
+        x = batch.to(_compute_dtype(batch.dtype))
+        shifts = joint.jitter_crop.shifts if self.pipeline.jitter_crop is not None else None
         return x, plan.on(x.device), seeds, joint.psf, shifts
+
+    def _both(self, batch: Tensor, job: tuple) -> tuple[Tensor, Tensor]:
+        """Run ``job`` (see ``_job``) as one batch of both views and split it: (query, key)."""
+        n = batch.shape[0]
+        if n == 0:
+            empty = batch.new_empty(0, batch.shape[1], self.pipeline.crop_size, self.pipeline.crop_size)
+            return empty, empty.clone()
+        out = self.pipeline._run(*job, copies=2).to(batch.dtype)
+        return out[:n], out[n:]
 
     def __repr__(self) -> str:
         return f"TwoViews({self.pipeline!r})"

@@ -39,9 +39,11 @@ def test_loss_is_computed_in_float32_under_bfloat16_autocast():
     # On a GPU the encoders run under bfloat16 autocast; the similarities must not: rounded to
     # bfloat16, logits near 1/tau = 10 move in steps of 1/16 and near-ties become ties.
     torch.manual_seed(1)
-    q = (torch.randn(64, 32) + 3).bfloat16()                # encoder outputs, close to each other
-    k = (torch.randn(64, 32) + 3).bfloat16()
-    queue = F.normalize(torch.randn(32, 512) + 3, dim=0)
+    # encoder outputs close to each other: in bfloat16, 28 of these 64 positives would tie their
+    # hardest negative
+    q = (torch.randn(64, 32) + 10).bfloat16()
+    k = (torch.randn(64, 32) + 10).bfloat16()
+    queue = F.normalize(torch.randn(32, 512) + 10, dim=0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, logits = info_nce_loss(q, k, queue, 0.1)
     ref_loss, ref_logits = info_nce_loss(q.float(), k.float(), queue, 0.1)   # no autocast
@@ -50,6 +52,8 @@ def test_loss_is_computed_in_float32_under_bfloat16_autocast():
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
     # what bfloat16 logits would have lost: most distinct similarities merge into a few steps
     assert len(torch.unique(logits)) > 10 * len(torch.unique(logits.bfloat16()))
+    hardest = logits[:, 1:].max(dim=1).values
+    assert not torch.any(logits[:, 0] == hardest)                  # no positive ties its hardest negative
 
 
 def test_resnet50_gives_2048d_with_paper_stem():
