@@ -8,8 +8,10 @@ scikit-image (reddening multiply, ``scipy.ndimage.gaussian_filter`` per band,
 ``skimage.transform.rotate`` bilinear, integer jitter crop, numpy Gaussian noise).
 
     .venv/bin/python benchmarks/bench_augment.py                    # CPU
-    .venv/bin/python benchmarks/bench_augment.py --device cuda      # GPU (reference still on CPU)
+    .venv/bin/python benchmarks/bench_augment.py --device cuda      # GPU (reference still on CPU);
+                                                                    # parameters drawn on the CPU and on the GPU
     .venv/bin/python benchmarks/bench_augment.py --device cuda --batch-size 256 1024 4096
+    .venv/bin/python benchmarks/bench_augment.py --device cuda --draws device --no-cuda-graphs
 
 Views/s counts augmented 64x64 views (two per image per call), over rounds of calls run back to
 back as in training (on a GPU the host prepares the next call while the device runs the last;
@@ -31,7 +33,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from skimage.transform import rotate as sk_rotate
 
-from sdsscl.augment import AUGMENTATIONS, BEST_AUGMENTATIONS, AugmentationPipeline, TwoViews
+from sdsscl.augment import _GRAPH_MAX_IMAGES, AUGMENTATIONS, BEST_AUGMENTATIONS, AugmentationPipeline, TwoViews
 from sdsscl.constants import CROP_SIZE, CUTOUT_SIZE, MAX_JITTER, PIXEL_SCALE, R_BAND, R_SF11, WAVELENGTH_EFF
 
 
@@ -91,12 +93,13 @@ def time_reference(images: np.ndarray, mad: np.ndarray, psf: bool, repeats: int,
 
 
 def time_torch(views: TwoViews, batch: torch.Tensor, repeats: int, warmup: int, seed: int,
-               rounds: int = 5) -> list[float]:
+               rounds: int = 5, draw_on_device: bool = False) -> list[float]:
     """Seconds per call of ``views(batch)`` (both views, parameters drawn included), one value
     per round of ``repeats`` calls run back to back, as a training loop runs them: on a GPU the
     host draws and launches the next call while the device still works on the last, and the
-    round ends with one synchronisation."""
-    gen = torch.Generator().manual_seed(seed)
+    round ends with one synchronisation. ``draw_on_device``: a generator on the batch's device
+    (the parameters drawn there) instead of a CPU one."""
+    gen = torch.Generator(device=batch.device if draw_on_device else "cpu").manual_seed(seed)
     cuda = batch.device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(batch.device)) if cuda else (lambda: None)
     for _ in range(warmup):
@@ -190,6 +193,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ref-repeats", type=int, default=3, help="timed reference passes (default: 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=2021)
+    parser.add_argument("--draws", choices=("cpu", "device", "both"), default=None,
+                        help="where the parameters are drawn: a CPU generator (the same views on every "
+                             "device), one on the GPU (TwoViews' fast path), or both rows "
+                             "(default: both on a GPU, cpu on the CPU)")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="TwoViews(cuda_graphs=...) for the GPU-draw rows (default: on; "
+                             "--no-cuda-graphs runs the same operations one by one)")
     parser.add_argument("--profile", action="store_true",
                         help="also split one call into drawing and applying, and list the costliest "
                              "torch operations (torch.profiler), at the first batch size")
@@ -200,6 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device")
 
+    draws = args.draws or ("both" if device.type != "cpu" else "cpu")
+    if draws != "cpu" and device.type == "cpu":
+        parser.error("--draws device needs a GPU (--device cuda)")
+    modes = {"cpu": [False], "device": [True], "both": [False, True]}[draws]
     sizes = args.batch_size
     images = make_batch(max(sizes), args.seed)
     mad = mad_per_band(images)
@@ -214,27 +228,33 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     n_ref = min(args.ref_images, max(sizes))
     for label, names in (("best set (no PSF)", BEST_AUGMENTATIONS), ("all five (with PSF)", AUGMENTATIONS)):
-        views = TwoViews(AugmentationPipeline(names, mad=mad))
+        views = TwoViews(AugmentationPipeline(names, mad=mad), cuda_graphs=args.cuda_graphs)
         ref = 2 * n_ref / np.array(time_reference(images[:n_ref], mad, "psf" in names, args.ref_repeats, args.seed))
-        for size in sizes:
-            batch = full[:size].contiguous()
-            ours = 2 * size / np.array(time_torch(views, batch, args.repeats, args.warmup, args.seed))
-            rows.append((label, size, np.median(ours), ours.max(), np.median(ref), ref.max()))
-    header = (f"{'pipeline':21s} {'B':>5s} {'sdsscl views/s':>15s} {'(best)':>10s} {'reference views/s':>18s} "
-              f"{'(best)':>8s} {'ratio':>8s} {'(best)':>8s}")
+        for on_device in modes:
+            for size in sizes:
+                batch = full[:size].contiguous()
+                ours = 2 * size / np.array(time_torch(views, batch, args.repeats, args.warmup, args.seed,
+                                                      draw_on_device=on_device))
+                where = device.type if on_device else "cpu"
+                rows.append((label, where, size, np.median(ours), ours.max(), np.median(ref), ref.max()))
+    header = (f"{'pipeline':21s} {'draws':>5s} {'B':>5s} {'sdsscl views/s':>15s} {'(best)':>10s} "
+              f"{'reference views/s':>18s} {'(best)':>8s} {'ratio':>8s} {'(best)':>8s}")
     print(header)
     print("-" * len(header))
-    for label, size, ours, ours_best, ref, ref_best in rows:
-        print(f"{label:21s} {size:5d} {ours:15,.0f} {ours_best:10,.0f} {ref:18,.0f} {ref_best:8,.0f} "
+    for label, where, size, ours, ours_best, ref, ref_best in rows:
+        print(f"{label:21s} {where:>5s} {size:5d} {ours:15,.0f} {ours_best:10,.0f} {ref:18,.0f} {ref_best:8,.0f} "
               f"{ours / ref:7.1f}x {ours_best / ref_best:7.1f}x")
     if args.profile:
         profile_calls(TwoViews(AugmentationPipeline(BEST_AUGMENTATIONS, mad=mad)), full[:sizes[0]].contiguous(),
                       args.seed)
     print()
-    print(f"views/s: 64x64 views produced per second (2 per image), median and best of 5 rounds;\n"
+    print(f"views/s: 64x64 views produced per second (2 per image), median and best of 5 rounds; draws: "
+          f"where the parameters are drawn (cpu: a CPU generator; cuda: one on the GPU, which\n"
+          f"TwoViews replays as a CUDA graph per batch shape up to {_GRAPH_MAX_IMAGES} images without the PSF"
+          f"{'' if args.cuda_graphs else ', here turned off'});\n"
           f"ratio: sdsscl / reference. sdsscl: {device.type}, rounds of {args.repeats} back-to-back calls "
-          f"(one synchronisation per round) after {args.warmup} warm-up calls, parameters drawn (on the CPU) "
-          f"in every call. reference: "
+          f"(one synchronisation per round) after {args.warmup} warm-up calls, parameters drawn in every call. "
+          f"reference: "
           f"numpy/scikit-image on the CPU,\none image at a time in one process, {n_ref} images x 2 views, "
           f"{args.ref_repeats} passes. Load average after the run: {os.getloadavg()[0]:.2f}.")
 

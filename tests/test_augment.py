@@ -14,6 +14,7 @@ from scipy import stats
 from sdsscl.augment import (
     AUGMENTATIONS,
     BEST_AUGMENTATIONS,
+    AugmentationParams,
     AugmentationPipeline,
     CenterCrop,
     Deredden,
@@ -513,6 +514,40 @@ def test_two_views_call_path_for_gpus_gives_the_views_of_sample_then_apply(names
     assert [t.shape for t in views._one_pass(x[:0], gen(1))] == [(0, 5, CROP_SIZE, CROP_SIZE)] * 2
 
 
+@pytest.mark.parametrize("names", [BEST_AUGMENTATIONS, AUGMENTATIONS, ("rotate",), ("jitter_crop", "noise")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_draws_on_the_device_map_the_same_uniforms_to_the_same_views(names, dtype):
+    # With a generator on a GPU, TwoViews draws the parameters there with torch operations
+    # (_device_views, run here on the CPU with a CPU generator). The uniforms it draws, mapped by
+    # each augmentation's own from_uniform and applied by the pipeline, must give the same views;
+    # the noise is the generator's next standard normal field, scaled per image and band.
+    x = random_batch(6, dtype=dtype)
+    views = TwoViews(AugmentationPipeline(names, mad=MAD))
+    pipe, g = views.pipeline, gen(31)
+    q, k = views._device_views(x, g)
+    assert q.dtype == dtype and q.shape == k.shape == (6, 5, CROP_SIZE, CROP_SIZE)
+    ref = gen(31)
+    widths = [getattr(pipe, name).n_uniform for name in pipe.names]
+    u = torch.rand(12, sum(widths), generator=ref, dtype=torch.float64).numpy()
+    params, start = AugmentationParams(), 0
+    for name, width in zip(pipe.names, widths):
+        setattr(params, name, getattr(pipe, name).from_uniform(u[:, start:start + width], gen(0)))
+        start += width
+    quiet = AugmentationPipeline([name for name in names if name != "noise"], mad=MAD)
+    noise, params.noise = params.noise, None
+    expected = quiet.apply(torch.cat([x, x]), params)                          # (12, 5, 64, 64)
+    if noise is not None:
+        field = torch.randn(12, 5, CROP_SIZE, CROP_SIZE, generator=ref)
+        expected = expected + field.to(dtype) * pipe.noise.scale(noise.level, expected)[:, :, None, None]
+    torch.testing.assert_close(torch.cat([q, k]), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(g.get_state(), ref.get_state())                  # nothing else was drawn
+    # a seed reproduces the call; the next call draws afresh
+    q2, k2 = views._device_views(x, gen(31))
+    assert torch.equal(q2, q) and torch.equal(k2, k)
+    assert not torch.equal(views._device_views(x, g)[0], q)
+    assert [t.shape for t in views._device_views(x[:0], gen(1))] == [(0, 5, CROP_SIZE, CROP_SIZE)] * 2
+
+
 def test_psf_blocks_are_sorted_by_width_and_cover_every_image_once():
     psf = PSFBlur()
     p = psf.sample(100, gen(42))
@@ -566,3 +601,37 @@ def test_cpu_and_cuda_give_the_same_views():
     torch.testing.assert_close(std, expected, rtol=0.06, atol=0)
     q, _ = TwoViews(AugmentationPipeline(AUGMENTATIONS, mad=MAD))(x.cuda().half(), gen(28))
     assert q.dtype == torch.float16 and q.device.type == "cuda" and q.shape == (40, 5, 64, 64)
+
+
+@pytest.mark.gpu
+def test_draws_on_a_gpu_replay_a_cuda_graph_with_the_eager_views():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    import warnings
+
+    x = random_batch(40).cuda()
+    for names in (BEST_AUGMENTATIONS, ("reddening", "rotate"), ("jitter_crop", "noise")):
+        graphed = TwoViews(AugmentationPipeline(names, mad=MAD))
+        eager = TwoViews(AugmentationPipeline(names, mad=MAD), cuda_graphs=False)
+        g_graph = torch.Generator(device="cuda").manual_seed(5)
+        g_eager = torch.Generator(device="cuda").manual_seed(5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                     # no silent fall-back to eager
+            outs = [graphed(x, g_graph) for _ in range(3)]
+        refs = [eager(x, g_eager) for _ in range(3)]
+        assert len(graphed._graphs) == 1 and next(iter(graphed._graphs.values())) is not False
+        assert not eager._graphs
+        for (q, k), (q_ref, k_ref) in zip(outs, refs):         # bit for bit, call after call
+            assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+        assert not torch.equal(outs[0][0], outs[1][0])         # fresh draws; earlier outputs kept
+        assert torch.equal(g_graph.get_state(), g_eager.get_state())
+        # Another generator replays the same graph with its own state.
+        q, k = graphed(x, torch.Generator(device="cuda").manual_seed(7))
+        q_ref, k_ref = eager(x, torch.Generator(device="cuda").manual_seed(7))
+        assert torch.equal(q, q_ref) and torch.equal(k, k_ref) and len(graphed._graphs) == 1
+    # The PSF needs its kernel half-width on the host: drawn on the GPU, run eagerly.
+    views = TwoViews(AugmentationPipeline(AUGMENTATIONS, mad=MAD))
+    q, k = views(x.half(), torch.Generator(device="cuda").manual_seed(6))
+    assert q.dtype == torch.float16 and q.shape == k.shape == (40, 5, 64, 64) and not views._graphs
+    with pytest.raises(ValueError, match="generator is on cuda"):
+        views(x.cpu(), torch.Generator(device="cuda"))
