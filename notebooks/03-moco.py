@@ -93,8 +93,10 @@ Table(("setting", here, "paper (Section 2, Appendix E.1)"), tuple(rows), prov,
 # ## Pretraining
 #
 # The run writes `runs/<profile>/checkpoints/moco/` (checkpoint, `log.csv`, TensorBoard).
-# If a checkpoint of the same settings is there, the run continues from it, so re-executing
-# this notebook after an interruption loses nothing, and a finished run is not repeated.
+# If a checkpoint of the same settings and data is there, the run continues from it, so
+# re-executing this notebook after an interruption loses nothing, and a finished run is not
+# repeated. "The same data" is checked on the content: the ObjIDs, 64 of the images and the
+# per-band MAD that scales the noise, so a mock regenerated with other images trains afresh.
 
 # %%
 t0 = time.perf_counter()

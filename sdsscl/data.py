@@ -662,6 +662,23 @@ class SurveyDataset(torch.utils.data.Dataset):
                            f"{missing[:10].tolist()}")
         return self.subset(found)
 
+    def fingerprint(self, samples: int = 64) -> str:
+        """What the selected galaxies are, cheaply: SHA-256 (16 hex digits) of their number,
+        their ObjIDs, and the raw pixels of ``samples`` of them spread evenly over the selection
+        (first and last included). Unlike file names and times, it follows the content:
+        regenerating an identical mock keeps it; other ObjIDs, or a generator that draws other
+        images, change it. (An edit to a galaxy between the samples goes unseen.)"""
+        h = hashlib.sha256()
+        h.update(np.int64(len(self)).tobytes())
+        h.update(np.ascontiguousarray(self.objids, dtype=np.int64).tobytes())
+        if len(self):
+            for i in np.unique(np.linspace(0, len(self) - 1, min(samples, len(self))).round().astype(np.int64)):
+                g = int(self._indices[i])
+                k = int(self._file_of(g))
+                image = np.asarray(self._datasets(k)["images"][g - int(self._offsets[k])])
+                h.update(np.ascontiguousarray(image, dtype=np.float32).tobytes())
+        return h.hexdigest()[:16]
+
     # -- torch Dataset protocol
 
     def __len__(self) -> int:

@@ -221,13 +221,25 @@ def _result_settings(cfg: PretrainConfig, augment: AugmentConfig) -> dict:
     return {"pretrain": p, "augment": json.loads(json.dumps(asdict(augment)))}
 
 
-def same_run(ckpt: dict, cfg: PretrainConfig, augment: AugmentConfig) -> bool:
-    """Whether a checkpoint was written with these settings (speed-only ones aside)."""
+def same_run(ckpt: dict, cfg: PretrainConfig, augment: AugmentConfig, data: str | None = None,
+             mad=None) -> bool:
+    """Whether a checkpoint was written with these settings (speed-only ones aside) and, when
+    given, on the same data (``SurveyDataset.fingerprint``) with the same noise scale (MAD).
+    A checkpoint from before the data were recorded is taken to match them (logged)."""
     saved = ckpt.get("config", {})
     mine = _result_settings(cfg, augment)
     theirs = {"pretrain": {k: v for k, v in saved.get("pretrain", {}).items() if k not in _SPEED_ONLY},
               "augment": saved.get("augment")}
-    return json.loads(json.dumps(theirs)) == json.loads(json.dumps(mine))
+    if json.loads(json.dumps(theirs)) != json.loads(json.dumps(mine)):
+        return False
+    if data is not None:
+        if "data_fingerprint" not in saved:
+            log.info("the checkpoint predates data fingerprints; taking it to be of the same data")
+        elif saved["data_fingerprint"] != data:
+            return False
+    if mad is not None and "mad" in saved and [float(v) for v in saved["mad"]] != [float(v) for v in mad]:
+        return False
+    return True
 
 
 def _collate_images(items):
@@ -267,20 +279,24 @@ def pretrain(cfg: PretrainConfig, augment: AugmentConfig, data, out_dir, mad=Non
     if len(dataset) < global_batch:
         raise ValueError(f"{len(dataset)} galaxies in {data} cannot fill one global batch of "
                          f"{global_batch}")
-    if resume == "auto":  # continue this run if its checkpoint exists, else start afresh
-        resume = ckpt_path.exists() and same_run(load_safe(ckpt_path), cfg, augment)
-    if resume and not ckpt_path.exists():
+    if resume and not ckpt_path.exists() and resume != "auto":
         raise CheckpointError(f"--resume: no checkpoint at {ckpt_path}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if mad is None:  # computed once (rank 0) and cached for the other ranks and for resumes
+        mad = main_first(env, lambda: band_mad(dataset, max_galaxies=10000, seed=cfg.seed,
+                                               cache=out_dir / "band_mad.json"))
+    mad = [float(v) for v in mad]
+    fingerprint = dataset.fingerprint()       # the data a checkpoint was trained on
+    if resume == "auto":  # continue this run if its checkpoint exists, else start afresh
+        resume = ckpt_path.exists() and same_run(load_safe(ckpt_path), cfg, augment, fingerprint, mad)
+        if ckpt_path.exists() and not resume:
+            log.info("%s was written with other settings or data; starting afresh", ckpt_path)
+    barrier(env)
     if not resume and env.is_main:  # a fresh run replaces an earlier one's log
         for stale in (out_dir / "log.csv", ckpt_path):
             stale.unlink(missing_ok=True)
         shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
     barrier(env)
-
-    if mad is None:  # computed once (rank 0) and cached for the other ranks and for resumes
-        mad = main_first(env, lambda: band_mad(dataset, max_galaxies=10000, seed=cfg.seed,
-                                               cache=out_dir / "band_mad.json"))
 
     torch.manual_seed(cfg.seed)
     model = MoCo(cfg.encoder, queue_size=cfg.queue_size, key_momentum=cfg.key_momentum,
@@ -306,11 +322,11 @@ def pretrain(cfg: PretrainConfig, augment: AugmentConfig, data, out_dir, mad=Non
     logger = RunLogger(out_dir, env.is_main, ("loss", "top1", "lr", "images_per_s"))
     if resume:
         ck = load_safe(ckpt_path, map_location="cpu")
-        if not same_run(ck, cfg, augment):
+        if not same_run(ck, cfg, augment, fingerprint, mad):
             raise CheckpointError(
-                f"{ckpt_path} was written by a run with other settings "
-                f"({ck.get('config')}); resume it with its own settings, or start afresh without "
-                f"--resume (which replaces it)")
+                f"{ckpt_path} was written by a run with other settings or data "
+                f"({ck.get('config')}; these data: fingerprint {fingerprint}, MAD {mad}); resume it "
+                f"with its own settings and data, or start afresh without --resume (which replaces it)")
         model.load_state_dict({k.removeprefix("module."): v for k, v in ck["state_dict"].items()})
         opt.load_state_dict(ck["optimizer"])
         step, start_epoch = int(ck["step"]), int(ck["epoch"])
@@ -320,7 +336,7 @@ def pretrain(cfg: PretrainConfig, augment: AugmentConfig, data, out_dir, mad=Non
     if env.is_main:
         tmp = out_dir / ".config.json.tmp"
         tmp.write_text(json.dumps({"pretrain": cfg.to_dict(), "augment": asdict(augment),
-                                   "mad": [float(v) for v in mad], "data": str(data),
+                                   "mad": mad, "data": str(data), "data_fingerprint": fingerprint,
                                    "world_size": env.world_size, "global_batch": global_batch,
                                    "lr": lr0, "steps_per_epoch": steps_per_epoch}, indent=1))
         os.replace(tmp, out_dir / "config.json")
@@ -332,7 +348,8 @@ def pretrain(cfg: PretrainConfig, augment: AugmentConfig, data, out_dir, mad=Non
                 "epoch": epoch_for_resume, "step": step, "arch": cfg.encoder.arch,
                 "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
                 "optimizer": opt.state_dict(), "rng": states,
-                "config": {"pretrain": cfg.to_dict(), "augment": asdict(augment)},
+                "config": {"pretrain": cfg.to_dict(), "augment": asdict(augment),
+                           "data_fingerprint": fingerprint, "mad": mad},
             }, ckpt_path)
 
     # bfloat16 encoders on GPUs; the InfoNCE similarities stay float32 (moco.info_nce_loss)

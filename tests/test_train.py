@@ -83,6 +83,44 @@ def test_killed_and_resumed_equals_uninterrupted(mock, tmp_path):
     assert [int(r["step"]) for r in rows] == list(range(1, 13))
 
 
+def test_auto_resume_continues_a_run_only_on_the_same_data(mock, tmp_path, caplog):
+    import shutil
+
+    import h5py
+
+    def steps(out):
+        return [int(r["step"]) for r in csv.DictReader(open(out / "log.csv"))]
+
+    cfg, out = tiny_cfg(batch_size=16), tmp_path / "run"
+    pretrain(cfg, mock, out, progress=False, max_steps=2)
+    # The same content under another name and time (a regenerated identical mock) continues.
+    same = tmp_path / "same.h5"
+    shutil.copy(mock, same)
+    pretrain(cfg, same, out, progress=False, resume="auto", max_steps=3)
+    assert steps(out) == [1, 2, 3]
+    # One changed pixel of one galaxy (a generator that draws other images): a fresh run.
+    changed = tmp_path / "changed.h5"
+    shutil.copy(mock, changed)
+    with h5py.File(changed, "r+") as f:
+        f["images"][0, 2, 50, 50] += 1.0
+    pretrain(cfg, changed, out, progress=False, resume="auto", max_steps=1)
+    assert steps(out) == [1] and load_safe(out / "checkpoint.pth.tar")["step"] == 1
+    with pytest.raises(CheckpointError, match="other settings or data"):
+        pretrain(cfg, mock, out, progress=False, resume=True)
+    # Another noise scale (the MAD that the noise augmentation multiplies) is another run too.
+    pretrain(cfg, changed, out, progress=False, resume="auto", max_steps=2, mad=[0.01] * 5)
+    assert steps(out) == [1, 2]
+    pretrain(cfg, changed, out, progress=False, resume="auto", max_steps=1, mad=[0.02] * 5)
+    assert steps(out) == [1]
+    # A checkpoint from before the data were recorded is taken to match them (and says so).
+    ck = load_safe(out / "checkpoint.pth.tar")
+    del ck["config"]["data_fingerprint"], ck["config"]["mad"]
+    torch.save(ck, out / "checkpoint.pth.tar")
+    with caplog.at_level("INFO", logger="sdsscl.train"):
+        pretrain(cfg, changed, out, progress=False, resume="auto", max_steps=2, mad=[0.02] * 5)
+    assert steps(out) == [1, 2] and "predates data fingerprints" in caplog.text
+
+
 def test_bad_inputs_fail_before_training(mock, tmp_path):
     with pytest.raises(ValueError, match="nearest valid K"):
         pretrain(tiny_cfg(queue_size=30), mock, tmp_path / "a", progress=False)
