@@ -166,10 +166,10 @@ def _check_generator(owner: str, generator: torch.Generator | None) -> None:
 
 
 def _device_key(device: torch.device) -> tuple[str, int]:
-    """(type, index), the current device's index for an unindexed one ("cuda" is "cuda:0" there)."""
-    if device.index is not None or device.type == "cpu":
-        return device.type, device.index or 0
-    return device.type, getattr(torch, device.type).current_device()
+    """(type, index), the current CUDA device's index for an unindexed "cuda"."""
+    if device.index is None and device.type == "cuda":
+        return device.type, torch.cuda.current_device()
+    return device.type, device.index or 0
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -1403,9 +1403,11 @@ class TwoViews:
       so a seed gives the same views on every device, and ``apply(batch, sample(...))``
       reproduces a call;
     * with a generator on the batch's GPU (``torch.Generator(device="cuda")``), they are drawn
-      there, with no host work per call beyond launching it: the fast path for small batches,
-      where drawing on the host limits a GPU. A seed then gives the same views on that kind of
-      GPU only, and only the generator's state reproduces a call.
+      there, with no host work per call beyond launching kernels (one CUDA graph for batches
+      of up to 512 images): the fast path for small batches, where drawing on the host limits
+      a GPU. A seed then gives the same views on that kind of GPU only, and only the
+      generator's state reproduces a call. The training loop draws on the CPU (resumable,
+      device-independent); its batches keep a GPU busy far longer than either way of drawing.
     """
 
     def __init__(self, pipeline: AugmentationPipeline, *, cuda_graphs: bool = True):
@@ -1464,6 +1466,9 @@ class TwoViews:
         """
         _check_batch("TwoViews", batch)
         if generator is not None and generator.device.type != "cpu":
+            if generator.device.type != "cuda":
+                raise ValueError(f"TwoViews: parameters are drawn on the CPU or on a CUDA GPU; got a "
+                                 f"generator on {generator.device} (pass a CPU generator)")
             if _device_key(generator.device) != _device_key(batch.device):
                 raise ValueError(f"TwoViews: the generator is on {generator.device} and the batch on "
                                  f"{batch.device}; draw on the batch's device or pass a CPU generator")
