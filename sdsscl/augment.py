@@ -133,8 +133,8 @@ _SCRATCH = threading.local()
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # TwoViews with a CUDA generator: batches up to this size replay a CUDA graph. Larger ones keep
 # the GPU busy for longer than launching their kernels takes, and the graph's extra output copy
-# then costs more than it saves (H100: graphs 0.72 ms against 0.92 eager at 512 images, 1.29
-# against 1.25 at 1,024). At most _GRAPH_CACHE graphs are kept per TwoViews.
+# then costs more than it saves (H100: graphs 0.72 ms against 0.92-1.30 eager at 512 images,
+# 1.29 against 1.24-1.25 at 1,024). At most _GRAPH_CACHE graphs are kept per TwoViews.
 _GRAPH_MAX_IMAGES = 512
 _GRAPH_CACHE = 8
 
@@ -1213,10 +1213,9 @@ class AugmentationPipeline:
         on a GPU. Returns the plan and the jitter shifts (n, 2) (None without jitter). Without
         the PSF nothing is read back to the host, so a CUDA graph can capture it; the PSF's
         kernel half-width needs one read-back."""
-        device = generator.device
-        augs = [getattr(self, name) for name in self.names]
-        widths = [aug.n_uniform for aug in augs]
-        u = torch.rand(n, sum(widths), generator=generator, device=device, dtype=torch.float64)
+        widths = [getattr(self, name).n_uniform for name in self.names]
+        u = torch.rand(n, sum(widths), generator=generator, device=generator.device, dtype=torch.float64)
+        device = u.device       # indexed ("cuda:0"), so the cached constants are those a graph keeps
         cols = dict(zip(self.names, torch.split(u, widths, dim=1)))                 # (n, k) each
         plan = _ViewPlan(sources=(), size=(h, w), dtype=dtype)
         shifts = None
@@ -1282,13 +1281,13 @@ class AugmentationPipeline:
         return self._run(x, plan, seeds, params.psf, shifts).to(batch.dtype)
 
     def _run(self, x: Tensor, plan: _ViewPlan, seeds: Sequence[int], psf: PSFParams | None,
-             shifts: Tensor | None, copies: int = 1, noise: torch.Generator | None = None,
+             shifts: Tensor | None, copies: int = 1, noise_generator: torch.Generator | None = None,
              frame_buffer: Tensor | None = None) -> Tensor:
         """The views of ``copies`` stacked copies of ``x`` (n, 5, H, W) with a plan (and PSF
         parameters and shifts) for ``copies * n`` images and one noise seed per copy:
         (copies * n, 5, S, S) in x's dtype. ``copies > 1`` (both MoCo views in one pass) is for
-        devices other than the CPU. ``noise``: a generator on x's device that draws the whole
-        noise field instead of the seeds (parameters drawn on the device); ``frame_buffer``: a
+        devices other than the CPU. ``noise_generator``: a generator on x's device that draws
+        the whole noise field instead of the seeds (parameters drawn on the device); ``frame_buffer``: a
         zero frame to use instead of the per-thread one (a CUDA graph owns its own).
 
         Works block by block (a few images at a time on the CPU, the whole batch elsewhere):
@@ -1299,11 +1298,11 @@ class AugmentationPipeline:
         b, device, s = copies * n1, x.device, self.crop_size
         out_h, out_w, top0, left0 = _crop_geometry(h, w, s)
         out = x.new_empty(b, c, s, s)                                               # (B, 5, S, S)
-        if noise is not None and plan.gamma is not None:  # all copies from the device generator
+        if noise_generator is not None and plan.gamma is not None:   # all copies, from the device
             if out.dtype == torch.float32:
-                torch.randn(out.shape, generator=noise, out=out)
+                torch.randn(out.shape, generator=noise_generator, out=out)
             else:                                         # drawn in float32 in every precision
-                out.copy_(torch.randn(out.shape, generator=noise, device=device, dtype=torch.float32))
+                out.copy_(torch.randn(out.shape, generator=noise_generator, device=device, dtype=torch.float32))
         for k, seed in enumerate(seeds):                  # the same field GaussianNoise.apply draws
             _noise_field((n1, c, s, s), seed, device, out=out[k * n1:(k + 1) * n1])
         radius = plan.radius
@@ -1538,7 +1537,7 @@ class TwoViews:
         """Both views of ``x`` (n, 5, H, W), computation dtype, drawn on the device: (2n, 5, S, S)."""
         n, _, h, w = x.shape
         plan, shifts = self.pipeline._device_plan(2 * n, h, w, x.dtype, generator)
-        return self.pipeline._run(x, plan, [], None, shifts, copies=2, noise=generator,
+        return self.pipeline._run(x, plan, [], None, shifts, copies=2, noise_generator=generator,
                                   frame_buffer=frame_buffer)
 
     def _replay(self, x: Tensor, generator: torch.Generator) -> Tensor:
