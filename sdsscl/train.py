@@ -287,9 +287,10 @@ def pretrain(cfg: PretrainConfig, augment: AugmentConfig, data, out_dir, mad=Non
                                                cache=out_dir / "band_mad.json"))
     mad = [float(v) for v in mad]
     fingerprint = dataset.fingerprint()       # the data a checkpoint was trained on
+    ck = load_safe(ckpt_path, map_location="cpu") if resume and ckpt_path.exists() else None  # read once
     if resume == "auto":  # continue this run if its checkpoint exists, else start afresh
-        resume = ckpt_path.exists() and same_run(load_safe(ckpt_path), cfg, augment, fingerprint, mad)
-        if ckpt_path.exists() and not resume:
+        resume = ck is not None and same_run(ck, cfg, augment, fingerprint, mad)
+        if ck is not None and not resume:
             log.info("%s was written with other settings or data; starting afresh", ckpt_path)
     barrier(env)
     if not resume and env.is_main:  # a fresh run replaces an earlier one's log
@@ -321,7 +322,6 @@ def pretrain(cfg: PretrainConfig, augment: AugmentConfig, data, out_dir, mad=Non
     step, start_epoch = 0, 0
     logger = RunLogger(out_dir, env.is_main, ("loss", "top1", "lr", "images_per_s"))
     if resume:
-        ck = load_safe(ckpt_path, map_location="cpu")
         if not same_run(ck, cfg, augment, fingerprint, mad):
             raise CheckpointError(
                 f"{ckpt_path} was written by a run with other settings or data "
@@ -333,6 +333,7 @@ def pretrain(cfg: PretrainConfig, augment: AugmentConfig, data, out_dir, mad=Non
         set_rng_state(ck["rng"][env.rank] if env.rank < len(ck["rng"]) else ck["rng"][0], generator)
         logger.truncate_after(step)
         log.info("resumed from %s at step %d (epoch %d)", ckpt_path, step, start_epoch)
+    ck = None                                   # not held in memory while training
     if env.is_main:
         tmp = out_dir / ".config.json.tmp"
         tmp.write_text(json.dumps({"pretrain": cfg.to_dict(), "augment": asdict(augment),
