@@ -24,7 +24,8 @@ fused into one bilinear resampling (one ``grid_sample`` call); without ``jitter_
 plain centre crop is used (fused with the rotation when there is one), so the output is
 always ``64 x 64``. Reddening is a per-(image, band) factor, which commutes exactly with the
 linear per-band operations that follow it, so the pipeline applies it as a scale in the same
-pass as the noise, on the small crop; the result is the same to float rounding.
+pass as the noise, on the small crop (with the PSF on the CPU, folded into the blur's kernels
+instead); the result is the same to float rounding.
 
 Conventions:
 
@@ -51,17 +52,18 @@ same seed (different generators), with the same per-band standard deviations. On
 field is drawn in groups of 32 images with their own seeded generators, in parallel threads.
 
 Speed: the pipeline works a few images at a time on the CPU (cache-sized blocks, PSF blocks
-sorted by width so that most need short kernels, a reused zero frame, no whole-batch
-temporaries) and on the whole batch in a handful of kernels on a GPU. All of a view's randomness
-is one draw of uniform numbers (``Augmentation.from_uniform``); what ``apply`` derives from the
-parameters (the sampling maps, band factors and PSF kernels: the *plan*) is computed with numpy
-on the CPU when they are drawn, and everything reaches the GPU in one pinned copy, with no host
-synchronisation. :class:`TwoViews` draws both MoCo views as one batch and, on a GPU, applies them
-in one pass; its call there makes no per-view parameter objects and moves only the plan. Given a
-generator on the GPU instead, it draws there with the same distributions, and replays small
-batches as CUDA graphs: no host work per call but the launch, for small batches. On a
-CPU shared with other busy processes, torch's multi-threaded kernels stall at every parallel
-region; there ``torch.set_num_threads(1)`` (as in DataLoader workers) is faster.
+sorted by width so that most need short kernels and gathered plane by plane in one parallel
+copy, a reused zero frame, no whole-batch temporaries) and on the whole batch in a handful of
+kernels on a GPU. All of a view's randomness is one draw of uniform numbers
+(``Augmentation.from_uniform``); what ``apply`` derives from the parameters (the sampling maps,
+band factors and PSF kernels: the *plan*) is computed with numpy on the CPU when they are drawn,
+and everything reaches the GPU in one pinned copy, with no host synchronisation.
+:class:`TwoViews` draws both MoCo views as one batch and, on a GPU, applies them in one pass;
+its call there makes no per-view parameter objects and moves only the plan. Given a generator on
+the GPU instead, it draws there with the same distributions, and replays small batches as CUDA
+graphs: no host work per call but the launch, for small batches. On a CPU shared with other busy
+processes, torch's multi-threaded kernels stall at every parallel region; there
+``torch.set_num_threads(1)`` (as in DataLoader workers) is faster.
 
 No GPU is touched at import; devices come from the inputs.
 """
@@ -376,25 +378,27 @@ def discrete_gaussian_radius(sigma: Tensor, tail: float) -> Tensor:
     return ((1.0 - inside) > tail).sum(dim=-1)                                 # (N,)
 
 
-def _blur_taps(x: Tensor, k: Tensor, out: Tensor | None = None) -> Tensor:
+def _blur_taps(x: Tensor, k: Tensor, out: Tensor | None = None, k_first: Tensor | None = None) -> Tensor:
     """Separable blur of planes ``x`` (G, H, W) with per-plane symmetric kernels ``k`` (G, 2r+1),
     zero outside the image: 2r + 1 multiply-adds per axis on shifted views, no padding copies
-    (the CPU path). ``out``: optional (G, H, W) destination (may be a strided view)."""
+    (the CPU path). ``out``: optional (G, H, W) destination (may be a strided view). ``k_first``:
+    the kernels of the first (y) axis if they differ from ``k`` (e.g. scaled by a factor)."""
     g, h, w = x.shape
     r = (k.shape[1] - 1) // 2
-    kk = k[:, :, None, None]                                     # (G, K, 1, 1)
+    ky = (k if k_first is None else k_first)[:, :, None, None].unbind(1)   # 2r+1 of (G, 1, 1)
+    kx = k[:, :, None, None].unbind(1)
     if out is None:
         out = x.new_empty(g, h, w)
     if r == 0:
-        return torch.mul(x, kk[:, 0], out=out)
-    along_y = torch.mul(x, kk[:, r], out=_scratch("blur", (g, h, w), x))  # (G, H, W)
+        return torch.mul(x, ky[0] * kx[0], out=out)
+    along_y = torch.mul(x, ky[r], out=_scratch("blur", (g, h, w), x))    # (G, H, W)
     for d in range(1, min(r, h - 1) + 1):                        # rows i - d and i + d
-        along_y[:, d:].addcmul_(x[:, :h - d], kk[:, r - d])
-        along_y[:, :h - d].addcmul_(x[:, d:], kk[:, r + d])
-    torch.mul(along_y, kk[:, r], out=out)                        # (G, H, W)
+        along_y[:, d:].addcmul_(x[:, :h - d], ky[r - d])
+        along_y[:, :h - d].addcmul_(x[:, d:], ky[r + d])
+    torch.mul(along_y, kx[r], out=out)                           # (G, H, W)
     for d in range(1, min(r, w - 1) + 1):                        # columns j - d and j + d
-        out[:, :, d:].addcmul_(along_y[:, :, :w - d], kk[:, r - d])
-        out[:, :, :w - d].addcmul_(along_y[:, :, d:], kk[:, r + d])
+        out[:, :, d:].addcmul_(along_y[:, :, :w - d], kx[r - d])
+        out[:, :, :w - d].addcmul_(along_y[:, :, d:], kx[r + d])
     return out
 
 
@@ -490,19 +494,26 @@ class PSFBlur(Augmentation):
         return list(zip(index, block_radius))
 
     @staticmethod
-    def _blur_block(x: Tensor, kernels: Tensor, radius: int, r: int, out: Tensor | None = None) -> Tensor:
+    def _blur_block(x: Tensor, kernels: Tensor, radius: int, r: int, out: Tensor | None = None,
+                    scale: Tensor | None = None) -> Tensor:
         """Blur images ``x`` (n, 5, H, W) with their kernels (n, 5, 2 radius + 1) cut to half-width
-        r; ``out``: optional (n, 5, H, W) destination, e.g. the inside of a zero frame."""
+        r; ``out``: optional (n, 5, H, W) destination, e.g. the inside of a zero frame. ``scale``:
+        optional per-(image, band) factors (n, 5, ...) applied in the same pass (on the CPU,
+        folded into the first axis' kernel; the pipeline's reddening)."""
         n, c, h, w = x.shape
         k = kernels[:, :, radius - r:radius + r + 1]
-        k = (k / k.sum(dim=-1, keepdim=True)).to(x.dtype).reshape(n * c, 2 * r + 1)  # (n*5, 2r+1)
+        k = k / k.sum(dim=-1, keepdim=True)                                         # (n, 5, 2r+1)
         if out is None:
             out = x.new_empty(n, c, h, w)
         flat = out.view(n * c, h, w)               # (n, 5) merge in fresh tensors and frame insides
         if x.device.type == "cpu":
-            _blur_taps(x.reshape(n * c, h, w), k, out=flat)
+            k_first = k if scale is None else k * scale.reshape(n, c, 1).to(k.dtype)
+            k_first, k = (t.to(x.dtype).reshape(n * c, 2 * r + 1) for t in (k_first, k))
+            _blur_taps(x.reshape(n * c, h, w), k, out=flat, k_first=k_first)
         else:
-            flat.copy_(_blur_conv(x.reshape(n * c, h, w), k))
+            flat.copy_(_blur_conv(x.reshape(n * c, h, w), k.to(x.dtype).reshape(n * c, 2 * r + 1)))
+            if scale is not None:
+                out.mul_(scale.reshape(n, c, 1, 1))
         return out
 
     def apply(self, batch: Tensor, params: PSFParams) -> Tensor:
@@ -572,12 +583,27 @@ def _scratch(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
 def _take(t: Tensor, blk: slice | Tensor, scratch: str | None = None) -> Tensor:
     """Rows ``blk`` of ``t``: a view for a slice, a contiguous gather (``index_select``, a row-wise
     copy, much faster than advanced indexing on the CPU) for an index tensor, into the reused
-    scratch tensor ``scratch`` if named (valid until the next gather into it)."""
+    scratch tensor ``scratch`` if named (valid until the next gather into it).
+
+    Images ``(B, C, H, W)`` are gathered as their ``B * C`` planes: ``index_select`` copies rows
+    of fewer than 32768 elements in one parallel loop, but runs one parallel region per row for
+    larger rows (a whole 5 x 107 x 107 image), and on a shared 2-core machine those per-image
+    regions made some processes' gathers ten times slower (measured: 1.2 ms against 0.15 ms per
+    16-image block).
+    """
     if isinstance(blk, slice):
         return t[blk]
-    if scratch is None:
-        return t.index_select(0, blk)
-    return torch.index_select(t, 0, blk, out=_scratch(scratch, (blk.numel(), *t.shape[1:]), t))
+    n = blk.numel()
+    out = None if scratch is None else _scratch(scratch, (n, *t.shape[1:]), t)
+    if t.dim() < 3 or not t.is_contiguous():
+        return t.index_select(0, blk) if out is None else torch.index_select(t, 0, blk, out=out)
+    c = t.shape[1]
+    planes = (blk.reshape(-1, 1) * c + torch.arange(c, device=blk.device)).reshape(-1)   # (n * C,)
+    flat = t.reshape(t.shape[0] * c, -1)
+    if out is None:
+        return flat.index_select(0, planes).view(n, *t.shape[1:])
+    torch.index_select(flat, 0, planes, out=out.view(n * c, -1))
+    return out
 
 
 def _block_len(blk: slice | Tensor, n: int) -> int:
@@ -1332,12 +1358,19 @@ class AugmentationPipeline:
                            buffer=frame_buffer)
         else:
             dy, dx = _split_shifts(shifts, b, device)
+        # With the PSF on the CPU, the reddening factor rides along with the blur's first axis
+        # (folded into its kernels), which saves a pass over the crops: the same linear map,
+        # rounded in another order. (Without the PSF the views stay those of the GPU path, op
+        # for op.)
+        fold = device.type == "cpu" and plan.factor is not None and radius > 0
+        factor = None if fold else plan.factor
         for blk, r in blocks:
             n = _block_len(blk, b)
+            scale = _take(plan.factor, blk) if fold else None                       # (n, 5, 1, 1)
             if frame is not None:                         # sky image into the frame, blurred or not
                 if radius > 0:
                     self.psf._blur_block(_take(x, blk, "block"), _take(plan.kernels, blk), radius, r,
-                                         out=frame.inside(n))
+                                         out=frame.inside(n), scale=scale)
                 elif x.shape[0] < b:                      # copies of the batch, in one copy
                     frame.inside(n).view(copies, n1, c, h, w).copy_(x.expand(copies, n1, c, h, w))
                 else:
@@ -1346,16 +1379,16 @@ class AugmentationPipeline:
             else:
                 src = _take(x, blk, "block")
                 if radius > 0:
-                    src = self.psf._blur_block(src, _take(plan.kernels, blk), radius, r)
+                    src = self.psf._blur_block(src, _take(plan.kernels, blk), radius, r, scale=scale)
                 crop = _integer_crop(src, top0 + _take(dy, blk), left0 + _take(dx, blk), s)  # (n, 5, S, S)
             if isinstance(blk, slice):
-                _finish(out[blk], crop, *_rows(plan, blk))
+                _finish(out[blk], crop, None if fold else _rows(plan, blk)[0], _rows(plan, blk)[1])
             else:                                         # a sorted block: its crops back in place
                 if crops is None:
                     crops = _scratch("crops", tuple(out.shape), out) if plan.gamma is not None else out
                 crops.index_copy_(0, blk, crop)
         if crops is not None:                             # then finished in one pass
-            _finish(out, crops, plan.factor, plan.gamma)
+            _finish(out, crops, factor, plan.gamma)
         return out
 
     def __call__(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -1378,11 +1411,11 @@ def _finish(out: Tensor, crop: Tensor, factor: Tensor | None, gamma: Tensor | No
     ``gamma`` broadcast over the pixels; ``out`` holds no noise field and may be ``crop`` itself
     without noise)."""
     if gamma is not None:
-        out.mul_(gamma)
         if factor is not None:
+            out.mul_(gamma)
             out.addcmul_(crop, factor)
         else:
-            out.add_(crop)
+            torch.addcmul(crop, out, gamma, out=out)                    # crop + noise * gamma
     elif factor is not None:
         torch.mul(crop, factor, out=out)
     elif crop is not out:

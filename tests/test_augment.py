@@ -32,7 +32,7 @@ from sdsscl.augment import (
     discrete_gaussian_kernels,
     rotate_crop,
 )
-from sdsscl.augment import _blur_conv, _blur_taps
+from sdsscl.augment import _blur_conv, _blur_taps, _take
 from sdsscl.constants import (
     CROP_SIZE,
     CUTOUT_SIZE,
@@ -317,20 +317,38 @@ def test_noise_apply_is_repeatable_and_seed_dependent():
 
 
 # ----------------------------------------------------------------------------- composition
-def test_pipeline_equals_the_steps_applied_one_by_one():
-    # The fused pipeline (reddening as a scale on the crop, rotation + crop in one resampling,
-    # noise last) equals the five augmentations applied in the documented order.
-    x = random_batch(4)
-    pipe = AugmentationPipeline(AUGMENTATIONS, mad=MAD)
-    p = pipe.sample(4, gen(15))
+@pytest.mark.parametrize("names", [AUGMENTATIONS, ("reddening", "psf", "jitter_crop", "noise")])
+@pytest.mark.parametrize("b", [4, 40])
+def test_pipeline_equals_the_steps_applied_one_by_one(names, b):
+    # The fused pipeline (reddening as a scale on the crop, or folded into the blur's kernels on
+    # the CPU; rotation + crop in one resampling; noise last) equals the augmentations applied in
+    # the documented order; 40 images make several PSF blocks sorted by width.
+    x = random_batch(b)
+    pipe = AugmentationPipeline(names, mad=MAD)
+    p = pipe.sample(b, gen(15))
     out = pipe.apply(x, p)
     steps = GalacticReddening().apply(x, p.reddening)
     steps = PSFBlur().apply(steps, p.psf)
-    steps = RandomRotate().apply(steps, p.rotate)
+    if "rotate" in names:
+        steps = RandomRotate().apply(steps, p.rotate)
     steps = JitterCrop().apply(steps, p.jitter_crop)
     steps = GaussianNoise(MAD).apply(steps, p.noise)
-    assert out.shape == (4, 5, CROP_SIZE, CROP_SIZE)
+    assert out.shape == (b, 5, CROP_SIZE, CROP_SIZE)
     torch.testing.assert_close(out, steps, rtol=1e-5, atol=1e-5)
+
+
+def test_take_gathers_the_rows_index_select_gives():
+    # Images are gathered as planes (one parallel loop); the rows must be index_select's, into a
+    # fresh tensor or the named scratch, for images, small tables and non-contiguous tensors.
+    x = random_batch(12)
+    blk = torch.tensor([7, 0, 11, 3, 3])
+    for t in (x, x[:, :, ::2], torch.randn(12, 5, 9, dtype=torch.float64), torch.randn(12, 2, 3),
+              torch.randn(12)):
+        expected = t.index_select(0, blk)
+        for scratch in (None, "test"):
+            got = _take(t, blk, scratch)
+            assert got.shape == expected.shape and torch.equal(got, expected)
+    assert torch.equal(_take(x, slice(2, 5)), x[2:5])
 
 
 def test_pipeline_applies_only_the_named_augmentations():
