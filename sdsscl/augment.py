@@ -49,7 +49,8 @@ below 6e-5 nmgy, far below the sky noise.
 The Gaussian noise field is drawn on the batch's device from a seed that is part of the
 parameters, so ``apply`` is exactly repeatable; CPU and CUDA draw different fields from the
 same seed (different generators), with the same per-band standard deviations. On the CPU the
-field is drawn in groups of 32 images with their own seeded generators, in parallel threads.
+field is drawn in groups of 32 images with their own seeded generators, in parallel threads
+(:class:`TwoViews` draws both views' fields in one such pass).
 
 Speed: the pipeline works a few images at a time on the CPU (cache-sized blocks, PSF blocks
 sorted by width so that most need short kernels and gathered plane by plane in one parallel
@@ -585,9 +586,9 @@ def _take(t: Tensor, blk: slice | Tensor, scratch: str | None = None) -> Tensor:
     copy, much faster than advanced indexing on the CPU) for an index tensor, into the reused
     scratch tensor ``scratch`` if named (valid until the next gather into it).
 
-    Images ``(B, C, H, W)`` are gathered as their ``B * C`` planes: ``index_select`` copies rows
-    of fewer than 32768 elements in one parallel loop, but runs one parallel region per row for
-    larger rows (a whole 5 x 107 x 107 image), and on a shared 2-core machine those per-image
+    Images ``(B, C, H, W)`` of 32768 elements or more are gathered as their ``B * C`` planes:
+    ``index_select`` copies smaller rows in one parallel loop, but runs one parallel region per
+    row for larger ones (a whole 5 x 107 x 107 image), and on a shared 2-core machine those per-image
     regions made some processes' gathers ten times slower (measured: 1.2 ms against 0.15 ms per
     16-image block).
     """
@@ -595,7 +596,7 @@ def _take(t: Tensor, blk: slice | Tensor, scratch: str | None = None) -> Tensor:
         return t[blk]
     n = blk.numel()
     out = None if scratch is None else _scratch(scratch, (n, *t.shape[1:]), t)
-    if t.dim() < 3 or not t.is_contiguous():
+    if t.dim() < 3 or not t.is_contiguous() or t[0].numel() < 32768:
         return t.index_select(0, blk) if out is None else torch.index_select(t, 0, blk, out=out)
     c = t.shape[1]
     planes = (blk.reshape(-1, 1) * c + torch.arange(c, device=blk.device)).reshape(-1)   # (n * C,)
@@ -896,20 +897,32 @@ def _noise_field(shape: tuple[int, ...], seed: int, device: torch.device, out: T
         return torch.randn(shape, generator=gen, out=out)
     if out is None:
         out = torch.empty(shape, dtype=torch.float32)
+    _cpu_noise_fields([(seed, out)])
+    return out
 
-    def fill(start: int) -> None:
+
+def _cpu_noise_fields(fields: Sequence[tuple[int, Tensor]]) -> None:
+    """Draw each CPU field ``(seed, out)`` (``out`` contiguous float32) as :func:`_noise_field`
+    does, the groups of all the fields in one parallel pass.
+
+    One pass for both MoCo views matters on a 2-core machine: after each parallel torch
+    operation, the OpenMP worker keeps spinning on a core for a few milliseconds, and threads
+    drawing noise then share the cores with it; one pass per call instead of one per view pays
+    that once.
+    """
+    def fill(task: tuple[int, Tensor, int]) -> None:
+        seed, out, start = task
         gen = torch.Generator()
         gen.manual_seed((seed + start * 0x9E3779B97F4A7C15) % 2**63)
         out[start:start + _NOISE_GROUP].normal_(generator=gen)
 
-    starts = range(0, shape[0], _NOISE_GROUP)
-    pool = _cpu_pool() if len(starts) > 1 else None
+    tasks = [(seed, out, start) for seed, out in fields for start in range(0, out.shape[0], _NOISE_GROUP)]
+    pool = _cpu_pool() if len(tasks) > 1 else None
     if pool is None:
-        for start in starts:
-            fill(start)
+        for task in tasks:
+            fill(task)
     else:
-        list(pool.map(fill, starts))
-    return out
+        list(pool.map(fill, tasks))
 
 
 class GaussianNoise(Augmentation):
@@ -1286,8 +1299,13 @@ class AugmentationPipeline:
         ``out = noise * gamma + crop * reddening`` in place in the noise field. The result equals
         the steps applied one by one in the documented order, to float rounding.
         """
+        self._check_apply(batch, params)
+        if batch.shape[0] == 0:
+            return batch.new_empty(0, batch.shape[1], self.crop_size, self.crop_size)
+        return self._run(*self._job_for(batch, params)).to(batch.dtype)
+
+    def _check_apply(self, batch: Tensor, params: AugmentationParams) -> None:
         _check_batch("AugmentationPipeline", batch)
-        b, c, h, w = batch.shape
         _check_crop_fits("AugmentationPipeline", batch, self.crop_size,
                          self.jitter_crop.max_jitter if self.jitter_crop else 0)
         for name in self.names:
@@ -1296,25 +1314,28 @@ class AugmentationPipeline:
                 raise ValueError(f"AugmentationPipeline: no parameters for {name!r}; draw them with sample()")
             first = next(iter(vars(p).values()))
             _check_params_batch("AugmentationPipeline", batch, first.shape[0])
+
+    def _job_for(self, batch: Tensor, params: AugmentationParams) -> tuple:
+        """The arguments of ``_run`` for a checked batch and its parameters: the batch in its
+        compute precision, the plan on its device, the noise seeds, PSF parameters and shifts."""
         x = batch.to(_compute_dtype(batch.dtype))
-        if b == 0:
-            return batch.new_empty(0, c, self.crop_size, self.crop_size)
         if self.jitter_crop is not None:
             _check_shifts("AugmentationPipeline", params.jitter_crop.shifts, self.jitter_crop.max_jitter)
         plan = self._plan_for(params, x).on(x.device)
         seeds = [params.noise.seed] if self.noise is not None else []
         shifts = params.jitter_crop.shifts if self.jitter_crop is not None else None
-        return self._run(x, plan, seeds, params.psf, shifts).to(batch.dtype)
+        return x, plan, seeds, params.psf, shifts
 
     def _run(self, x: Tensor, plan: _ViewPlan, seeds: Sequence[int], psf: PSFParams | None,
              shifts: Tensor | None, copies: int = 1, noise_generator: torch.Generator | None = None,
-             frame_buffer: Tensor | None = None) -> Tensor:
+             frame_buffer: Tensor | None = None, out: Tensor | None = None) -> Tensor:
         """The views of ``copies`` stacked copies of ``x`` (n, 5, H, W) with a plan (and PSF
         parameters and shifts) for ``copies * n`` images and one noise seed per copy:
         (copies * n, 5, S, S) in x's dtype. ``copies > 1`` (both MoCo views in one pass) is for
         devices other than the CPU. ``noise_generator``: a generator on x's device that draws
-        the whole noise field instead of the seeds (parameters drawn on the device); ``frame_buffer``: a
-        zero frame to use instead of the per-thread one (a CUDA graph owns its own).
+        the whole noise field instead of the seeds (parameters drawn on the device);
+        ``frame_buffer``: a zero frame to use instead of the per-thread one (a CUDA graph owns
+        its own); ``out``: the destination, already holding the noise field (``seeds`` empty).
 
         Works block by block (a few images at a time on the CPU, the whole batch elsewhere):
         blur into a zero frame, one resampling for rotation and crop, then
@@ -1323,7 +1344,8 @@ class AugmentationPipeline:
         n1, c, h, w = x.shape
         b, device, s = copies * n1, x.device, self.crop_size
         out_h, out_w, top0, left0 = _crop_geometry(h, w, s)
-        out = x.new_empty(b, c, s, s)                                               # (B, 5, S, S)
+        if out is None:
+            out = x.new_empty(b, c, s, s)                                           # (B, 5, S, S)
         if noise_generator is not None and plan.gamma is not None:   # all copies, from the device
             if out.dtype == torch.float32:
                 torch.randn(out.shape, generator=noise_generator, out=out)
@@ -1352,7 +1374,7 @@ class AugmentationPipeline:
             blocks = [(blk, 0) for blk in _blocks(b, device, _CPU_GEOMETRY_CHUNK)]
         if copies > 1 and (radius > 0 or plan.affine is None):
             x = x.repeat(copies, 1, 1, 1)                                          # (B, 5, H, W)
-        frame, crops = None, None
+        frame, crops, dy, dx = None, None, None, None
         if plan.affine is not None:
             frame = _Frame(min(b, max(_block_len(blk, b) for blk, _ in blocks)), h, w, device, x.dtype,
                            buffer=frame_buffer)
@@ -1364,25 +1386,34 @@ class AugmentationPipeline:
         # for op.)
         fold = device.type == "cpu" and plan.factor is not None and radius > 0
         factor = None if fold else plan.factor
+        # The plan's per-image tables, taken by block rows: for blocks of sorted images, gathered
+        # once in block order, so that block k takes the next rows of each.
+        tables = (plan.kernels, plan.affine, plan.factor if fold else None, dy, dx)
+        if blocks and not isinstance(blocks[0][0], slice):
+            order = torch.cat([blk for blk, _ in blocks])
+            tables = tuple(None if t is None else t.index_select(0, order) for t in tables)
+        start = 0
         for blk, r in blocks:
             n = _block_len(blk, b)
-            scale = _take(plan.factor, blk) if fold else None                       # (n, 5, 1, 1)
+            rows = blk if isinstance(blk, slice) else slice(start, start + n)
+            start += n
+            kernels, affine, scale, dy_rows, dx_rows = (None if t is None else t[rows] for t in tables)
             if frame is not None:                         # sky image into the frame, blurred or not
                 if radius > 0:
-                    self.psf._blur_block(_take(x, blk, "block"), _take(plan.kernels, blk), radius, r,
-                                         out=frame.inside(n), scale=scale)
+                    self.psf._blur_block(_take(x, blk, "block"), kernels, radius, r, out=frame.inside(n),
+                                         scale=scale)
                 elif x.shape[0] < b:                      # copies of the batch, in one copy
                     frame.inside(n).view(copies, n1, c, h, w).copy_(x.expand(copies, n1, c, h, w))
                 else:
                     frame.inside(n).copy_(_take(x, blk))
-                crop = frame.resample(_take(plan.affine, blk), out_h, out_w)           # (n, 5, S, S)
+                crop = frame.resample(affine, out_h, out_w)                                # (n, 5, S, S)
             else:
                 src = _take(x, blk, "block")
                 if radius > 0:
-                    src = self.psf._blur_block(src, _take(plan.kernels, blk), radius, r, scale=scale)
-                crop = _integer_crop(src, top0 + _take(dy, blk), left0 + _take(dx, blk), s)  # (n, 5, S, S)
+                    src = self.psf._blur_block(src, kernels, radius, r, scale=scale)
+                crop = _integer_crop(src, top0 + dy_rows, left0 + dx_rows, s)                # (n, 5, S, S)
             if isinstance(blk, slice):
-                _finish(out[blk], crop, None if fold else _rows(plan, blk)[0], _rows(plan, blk)[1])
+                _finish(out[blk], crop, *_rows(plan, blk, factor=not fold))
             else:                                         # a sorted block: its crops back in place
                 if crops is None:
                     crops = _scratch("crops", tuple(out.shape), out) if plan.gamma is not None else out
@@ -1400,9 +1431,10 @@ class AugmentationPipeline:
         return f"AugmentationPipeline(names={list(self.names)}, crop_size={self.crop_size})"
 
 
-def _rows(plan: _ViewPlan, rows: slice) -> tuple[Tensor | None, Tensor | None]:
-    """The plan's reddening factors and noise levels for ``rows`` (None where not in use)."""
-    return tuple(None if t is None else t[rows] for t in (plan.factor, plan.gamma))
+def _rows(plan: _ViewPlan, rows: slice, factor: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """The plan's reddening factors (unless ``factor`` is False) and noise levels for ``rows``
+    (None where not in use)."""
+    return tuple(None if t is None else t[rows] for t in (plan.factor if factor else None, plan.gamma))
 
 
 def _finish(out: Tensor, crop: Tensor, factor: Tensor | None, gamma: Tensor | None) -> None:
@@ -1469,6 +1501,8 @@ class TwoViews:
 
     def apply(self, batch: Tensor, params: tuple[AugmentationParams, AugmentationParams]
               ) -> tuple[Tensor, Tensor]:
+        """``(pipeline.apply(batch, query), pipeline.apply(batch, key))``: the same views, made
+        as one pass over both on a GPU and, on the CPU, with both noise fields drawn first."""
         query, key = params
         joint, pipe = query.joint, self.pipeline
         if (joint is not None and joint is key.joint and batch.device.type != "cpu"
@@ -1481,7 +1515,28 @@ class TwoViews:
             self._check_fits(batch)
             seeds = [query.noise.seed, key.noise.seed] if pipe.noise is not None else []
             return self._both(batch, self._job(batch, joint, joint.plan, seeds))
+        if (batch.device.type == "cpu" and pipe.noise is not None and batch.shape[0] > 0
+                and _compute_dtype(batch.dtype) == torch.float32):
+            return self._cpu_views(batch, params)
         return pipe.apply(batch, query), pipe.apply(batch, key)
+
+    def _cpu_views(self, batch: Tensor, params: tuple[AugmentationParams, AugmentationParams]
+                   ) -> tuple[Tensor, Tensor]:
+        """``pipeline.apply`` of each view on the CPU (the same views), with both noise fields
+        drawn first in one parallel pass (see ``_cpu_noise_fields``)."""
+        pipe, n = self.pipeline, batch.shape[0]                       # (B, 5, S, S) per view
+        for p in params:
+            pipe._check_apply(batch, p)
+        jobs = [pipe._job_for(batch, p) for p in params]
+        x = jobs[0][0]
+        # Two tensors rather than halves of one: at 256 images each stays under glibc's largest
+        # mmap threshold (32 MB), so its memory is reused from call to call instead of being
+        # mapped and page-faulted afresh.
+        halves = tuple(x.new_empty(n, x.shape[1], pipe.crop_size, pipe.crop_size) for _ in jobs)
+        _cpu_noise_fields([(job[2][0], half) for job, half in zip(jobs, halves)])
+        for (x, plan, _, psf, shifts), half in zip(jobs, halves):
+            pipe._run(x, plan, [], psf, shifts, out=half)
+        return tuple(half.to(batch.dtype) for half in halves)
 
     def __call__(self, batch: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(B, 5, H, W) -> (query, key), each (B, 5, 64, 64).

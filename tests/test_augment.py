@@ -411,6 +411,24 @@ def test_two_views_are_independent_views_of_the_same_batch():
     assert not torch.equal(pq.rotate.angle, pk.rotate.angle)
 
 
+@pytest.mark.parametrize("names", [BEST_AUGMENTATIONS, AUGMENTATIONS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_two_views_on_the_cpu_are_the_pipeline_applied_to_each_view(names, dtype):
+    # On the CPU TwoViews draws both noise fields in one parallel pass before either view's
+    # geometry; the views must be exactly pipeline.apply of each view's parameters (40 images:
+    # two noise groups and three PSF blocks per view), in the batch's dtype, as separate tensors.
+    x = random_batch(40, dtype=dtype)
+    views = TwoViews(AugmentationPipeline(names, mad=MAD))
+    params = views.sample(40, gen(27))
+    q, k = views.apply(x, params)
+    assert q.dtype == k.dtype == dtype
+    assert torch.equal(q, views.pipeline.apply(x, params[0]))
+    assert torch.equal(k, views.pipeline.apply(x, params[1]))
+    assert q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+    q2, k2 = views(x, gen(27))
+    assert torch.equal(q, q2) and torch.equal(k, k2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_dtype_is_kept_and_low_precision_matches_float32(dtype):
     x = random_batch(2)
