@@ -490,7 +490,8 @@ class PSFBlur(Augmentation):
         sigma_r = params.sigma_r.detach().cpu()
         order = torch.argsort(sigma_r, stable=True)                                 # narrow first
         index = [order[i:i + _CPU_BLUR_CHUNK] for i in range(0, n, _CPU_BLUR_CHUNK)]
-        widest = self.sigma_pixels(torch.stack([sigma_r[i].max() for i in index])).max(dim=1).values
+        last = torch.tensor([min(i + _CPU_BLUR_CHUNK, n) - 1 for i in range(0, n, _CPU_BLUR_CHUNK)])
+        widest = self.sigma_pixels(sigma_r[order[last]]).max(dim=1).values  # each block's widest (last)
         block_radius = discrete_gaussian_radius(widest, self.tail).clamp_max(radius).tolist()
         return list(zip(index, block_radius))
 
