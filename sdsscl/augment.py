@@ -131,6 +131,8 @@ _CPU_BLUR_CHUNK = 16
 _CPU_GEOMETRY_CHUNK = 32
 # Images per independently seeded CPU noise stream (drawn in parallel threads).
 _NOISE_GROUP = 32
+# torch's CPU grain (at::internal::GRAIN_SIZE): elementwise work below it runs in one thread.
+_GRAIN = 32768
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None
 _SCRATCH = threading.local()
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -587,17 +589,17 @@ def _take(t: Tensor, blk: slice | Tensor, scratch: str | None = None) -> Tensor:
     copy, much faster than advanced indexing on the CPU) for an index tensor, into the reused
     scratch tensor ``scratch`` if named (valid until the next gather into it).
 
-    Images ``(B, C, H, W)`` of 32768 elements or more are gathered as their ``B * C`` planes:
-    ``index_select`` copies smaller rows in one parallel loop, but runs one parallel region per
-    row for larger ones (a whole 5 x 107 x 107 image), and on a shared 2-core machine those per-image
-    regions made some processes' gathers ten times slower (measured: 1.2 ms against 0.15 ms per
-    16-image block).
+    Images ``(B, C, H, W)`` of ``_GRAIN`` elements or more are gathered as their ``B * C``
+    planes: ``index_select`` copies smaller rows in one parallel loop, but runs one parallel
+    region per row for larger ones (a whole 5 x 107 x 107 image), and on a shared 2-core machine
+    those per-image regions made some processes' gathers ten times slower (measured: 1.2 ms
+    against 0.15 ms per 16-image block).
     """
     if isinstance(blk, slice):
         return t[blk]
     n = blk.numel()
     out = None if scratch is None else _scratch(scratch, (n, *t.shape[1:]), t)
-    if t.dim() < 3 or not t.is_contiguous() or t[0].numel() < 32768:
+    if t.dim() < 3 or not t.is_contiguous() or t[0].numel() < _GRAIN:
         return t.index_select(0, blk) if out is None else torch.index_select(t, 0, blk, out=out)
     c = t.shape[1]
     planes = (blk.reshape(-1, 1) * c + torch.arange(c, device=blk.device)).reshape(-1)   # (n * C,)
@@ -1412,7 +1414,7 @@ class AugmentationPipeline:
                     src = self.psf._blur_block(src, kernels, radius, r, scale=scale)
                 crop = _integer_crop(src, top0 + dy_rows, left0 + dx_rows, s)                # (n, 5, S, S)
             if isinstance(blk, slice):
-                _finish(out[blk], crop, *_rows(plan, blk, factor=not fold))
+                _finish(out[blk], crop, *(None if t is None else t[blk] for t in (factor, plan.gamma)))
             else:                                         # a sorted block: its crops back in place
                 if crops is None:
                     crops = _scratch("crops", tuple(out.shape), out) if plan.gamma is not None else out
@@ -1428,12 +1430,6 @@ class AugmentationPipeline:
 
     def __repr__(self) -> str:
         return f"AugmentationPipeline(names={list(self.names)}, crop_size={self.crop_size})"
-
-
-def _rows(plan: _ViewPlan, rows: slice, factor: bool = True) -> tuple[Tensor | None, Tensor | None]:
-    """The plan's reddening factors (unless ``factor`` is False) and noise levels for ``rows``
-    (None where not in use)."""
-    return tuple(None if t is None else t[rows] for t in (plan.factor if factor else None, plan.gamma))
 
 
 def _finish(out: Tensor, crop: Tensor, factor: Tensor | None, gamma: Tensor | None) -> None:
