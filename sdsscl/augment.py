@@ -53,9 +53,10 @@ field is drawn in groups of 32 images with their own seeded generators, in paral
 (:class:`TwoViews` draws both views' fields in one such pass).
 
 Speed: the pipeline works a few images at a time on the CPU (cache-sized blocks, PSF blocks
-sorted by width so that most need short kernels and gathered plane by plane in one parallel
-copy, a reused zero frame, no whole-batch temporaries) and on the whole batch in a handful of
-kernels on a GPU. All of a view's randomness is one draw of uniform numbers
+sorted by width so that most need short kernels, then by the size of the rotated crop's
+footprint so that each block blurs only the window its resampling reads, gathered plane by
+plane in one parallel copy, a reused zero frame, no whole-batch temporaries) and on the whole
+batch in a handful of kernels on a GPU. All of a view's randomness is one draw of uniform numbers
 (``Augmentation.from_uniform``); what ``apply`` derives from the parameters (the sampling maps,
 band factors and PSF kernels: the *plan*) is computed with numpy on the CPU when they are drawn,
 and everything reaches the GPU in one pinned copy, with no host synchronisation.
@@ -77,6 +78,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import groupby
+from operator import itemgetter
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -381,27 +385,44 @@ def discrete_gaussian_radius(sigma: Tensor, tail: float) -> Tensor:
     return ((1.0 - inside) > tail).sum(dim=-1)                                 # (N,)
 
 
-def _blur_taps(x: Tensor, k: Tensor, out: Tensor | None = None, k_first: Tensor | None = None) -> Tensor:
+def _blur_taps(x: Tensor, k: Tensor, out: Tensor | None = None, k_first: Tensor | None = None,
+               window: tuple[int, int, int, int] | None = None) -> Tensor:
     """Separable blur of planes ``x`` (G, H, W) with per-plane symmetric kernels ``k`` (G, 2r+1),
     zero outside the image: 2r + 1 multiply-adds per axis on shifted views, no padding copies
     (the CPU path). ``out``: optional (G, H, W) destination (may be a strided view). ``k_first``:
-    the kernels of the first (y) axis if they differ from ``k`` (e.g. scaled by a factor)."""
+    the kernels of the first (y) axis if they differ from ``k`` (e.g. scaled by a factor).
+
+    ``window = (y0, y1, x0, x1)``: only ``out[:, y0:y1, x0:x1]`` is computed (the rest of ``out``
+    is left as it was), with the same operations in the same order per pixel, so its values are
+    bit for bit those of the whole blur. The first pass then covers rows y0:y1 only (whole rows,
+    which keeps its operations one flat loop per plane).
+    """
     g, h, w = x.shape
     r = (k.shape[1] - 1) // 2
+    y0, y1, x0, x1 = (0, h, 0, w) if window is None else window
     ky = (k if k_first is None else k_first)[:, :, None, None].unbind(1)   # 2r+1 of (G, 1, 1)
     kx = k[:, :, None, None].unbind(1)
     if out is None:
         out = x.new_empty(g, h, w)
     if r == 0:
-        return torch.mul(x, ky[0] * kx[0], out=out)
-    along_y = torch.mul(x, ky[r], out=_scratch("blur", (g, h, w), x))    # (G, H, W)
+        torch.mul(x[:, y0:y1, x0:x1], ky[0] * kx[0], out=out[:, y0:y1, x0:x1])
+        return out
+    along_y = _scratch("blur", (g, h, w), x)                     # (G, H, W), rows y0:y1 used
+    torch.mul(x[:, y0:y1], ky[r], out=along_y[:, y0:y1])
     for d in range(1, min(r, h - 1) + 1):                        # rows i - d and i + d
-        along_y[:, d:].addcmul_(x[:, :h - d], ky[r - d])
-        along_y[:, :h - d].addcmul_(x[:, d:], ky[r + d])
-    torch.mul(along_y, kx[r], out=out)                           # (G, H, W)
+        lo, hi = max(y0, d), min(y1, h - d)
+        if lo < y1:
+            along_y[:, lo:y1].addcmul_(x[:, lo - d:y1 - d], ky[r - d])
+        if y0 < hi:
+            along_y[:, y0:hi].addcmul_(x[:, y0 + d:hi + d], ky[r + d])
+    rows = slice(y0, y1)
+    torch.mul(along_y[:, rows, x0:x1], kx[r], out=out[:, rows, x0:x1])
     for d in range(1, min(r, w - 1) + 1):                        # columns j - d and j + d
-        out[:, :, d:].addcmul_(along_y[:, :, :w - d], kx[r - d])
-        out[:, :, :w - d].addcmul_(along_y[:, :, d:], kx[r + d])
+        lo, hi = max(x0, d), min(x1, w - d)
+        if lo < x1:
+            out[:, rows, lo:x1].addcmul_(along_y[:, rows, lo - d:x1 - d], kx[r - d])
+        if x0 < hi:
+            out[:, rows, x0:hi].addcmul_(along_y[:, rows, x0 + d:hi + d], kx[r + d])
     return out
 
 
@@ -498,23 +519,37 @@ class PSFBlur(Augmentation):
         return list(zip(index, block_radius))
 
     @staticmethod
+    def _cut(kernels: Tensor, radius: int, r: int, scale: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The CPU taps of kernels (n, 5, 2 radius + 1) cut to half-width r and renormalised: the
+        first axis' (with the per-(image, band) factors ``scale`` (n, 5, ...) folded in) and the
+        second axis', each (n * 5, 2r + 1) in ``dtype``."""
+        n, c = kernels.shape[:2]
+        k = kernels[:, :, radius - r:radius + r + 1]
+        k = k / k.sum(dim=-1, keepdim=True)                                         # (n, 5, 2r+1)
+        k_first = k if scale is None else k * scale.reshape(n, c, 1).to(k.dtype)
+        return tuple(t.to(dtype).reshape(n * c, 2 * r + 1) for t in (k_first, k))
+
+    @staticmethod
     def _blur_block(x: Tensor, kernels: Tensor, radius: int, r: int, out: Tensor | None = None,
-                    scale: Tensor | None = None) -> Tensor:
+                    scale: Tensor | None = None, window: tuple[int, int, int, int] | None = None,
+                    taps: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Blur images ``x`` (n, 5, H, W) with their kernels (n, 5, 2 radius + 1) cut to half-width
         r; ``out``: optional (n, 5, H, W) destination, e.g. the inside of a zero frame. ``scale``:
         optional per-(image, band) factors (n, 5, ...) applied in the same pass (on the CPU,
-        folded into the first axis' kernel; the pipeline's reddening)."""
+        folded into the first axis' kernel; the pipeline's reddening). On the CPU, ``window``:
+        the pixels ``(y0, y1, x0, x1)`` that are needed (the others are left as they were in
+        ``out``, see :func:`_blur_taps`), and ``taps``: ``_cut(kernels, radius, r, scale,
+        x.dtype)`` if already made; elsewhere everything is computed."""
         n, c, h, w = x.shape
-        k = kernels[:, :, radius - r:radius + r + 1]
-        k = k / k.sum(dim=-1, keepdim=True)                                         # (n, 5, 2r+1)
         if out is None:
             out = x.new_empty(n, c, h, w)
         flat = out.view(n * c, h, w)               # (n, 5) merge in fresh tensors and frame insides
         if x.device.type == "cpu":
-            k_first = k if scale is None else k * scale.reshape(n, c, 1).to(k.dtype)
-            k_first, k = (t.to(x.dtype).reshape(n * c, 2 * r + 1) for t in (k_first, k))
-            _blur_taps(x.reshape(n * c, h, w), k, out=flat, k_first=k_first)
+            k_first, k = taps if taps is not None else PSFBlur._cut(kernels, radius, r, scale, x.dtype)
+            _blur_taps(x.reshape(n * c, h, w), k, out=flat, k_first=k_first, window=window)
         else:
+            k = kernels[:, :, radius - r:radius + r + 1]
+            k = k / k.sum(dim=-1, keepdim=True)                                     # (n, 5, 2r+1)
             flat.copy_(_blur_conv(x.reshape(n * c, h, w), k.to(x.dtype).reshape(n * c, 2 * r + 1)))
             if scale is not None:
                 out.mul_(scale.reshape(n, c, 1, 1))
@@ -647,24 +682,36 @@ class _Frame:
         """The (n, 5, H, W) window where the first n images go (margins stay zero)."""
         return self.buffer[:n, :, self.pad_y:self.pad_y + self.h, self.pad_x:self.pad_x + self.w]
 
-    def resample(self, affine: Tensor, out_h: int, out_w: int, copies: int = 1) -> Tensor:
-        """Rotate and crop the n framed images (placed in the first n slots) with their sampling
-        maps ``affine`` (copies * n, 2, 3) (see :func:`_affine`; copy k of image i in row
-        k * n + i): the grid in float64 (two broadcast multiply-adds, exact for whole-pixel
-        positions), then one ``grid_sample`` call, (n, 5, copies * Ho, Wo) with image i's copies
-        stacked along the rows."""
-        n = affine.shape[0] // copies
-        j, i = _pixel_axes(out_h, out_w, affine.device, affine.dtype)      # (1, 1, 1, Wo), (1, 1, Ho, 1)
-        a = affine[:, :, :, None, None]                                             # (n, 2, 3, 1, 1)
-        grid = torch.empty(n, copies, out_h, out_w, 2, device=self.buffer.device, dtype=self.buffer.dtype)
-        if affine.device.type == "cpu" and copies == 1:  # per axis, straight into the grid (cache-friendly)
-            for axis in range(2):
-                torch.add(a[:, axis, 0] * j[0], a[:, axis, 1] * i[0] + a[:, axis, 2], out=grid[:, 0, ..., axis])
-        else:                                         # three kernels for both axes
-            coords = torch.addcmul(torch.addcmul(a[:, :, 2], a[:, :, 0], j), a[:, :, 1], i)  # (cn, 2, Ho, Wo)
-            grid.permute(1, 0, 4, 2, 3).copy_(coords.view(copies, n, 2, out_h, out_w))  # rounded once
-        return F.grid_sample(self.buffer[:n], grid.view(n, copies * out_h, out_w, 2), mode="bilinear",
-                             padding_mode="zeros", align_corners=True)            # (n, 5, copies * Ho, Wo)
+    def resample(self, grid: Tensor) -> Tensor:
+        """Rotate and crop the n framed images (placed in the first n slots) at their sampling
+        ``grid`` (n, Ho', Wo, 2) (see :func:`_sampling_grid`): one ``grid_sample`` call,
+        (n, 5, Ho', Wo)."""
+        return F.grid_sample(self.buffer[:grid.shape[0]], grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=True)
+
+
+def _sampling_grid(affine: Tensor, out_h: int, out_w: int, dtype: torch.dtype, copies: int = 1) -> Tensor:
+    """The ``grid_sample`` grid of the sampling maps ``affine`` (copies * n, 2, 3) (see
+    :func:`_affine`; copy k of image i in row k * n + i) in ``dtype``: computed in float64 (two
+    broadcast multiply-adds, exact for whole-pixel positions) and rounded once, (n, copies * Ho,
+    Wo, 2) with image i's copies stacked along the rows. On the CPU it is made for all the images
+    at once and taken block by block, which costs less than a grid per block, in a per-thread
+    scratch tensor (valid until the next grid is made)."""
+    n = affine.shape[0] // copies
+    j, i = _pixel_axes(out_h, out_w, affine.device, affine.dtype)          # (1, 1, 1, Wo), (1, 1, Ho, 1)
+    a = affine[:, :, :, None, None]                                                 # (n, 2, 3, 1, 1)
+    shape = (n, copies, out_h, out_w, 2)
+    if affine.device.type == "cpu":                   # reused: no fresh pages to fault per call
+        grid = _scratch("grid", shape, torch.empty(0, dtype=dtype))
+    else:
+        grid = torch.empty(shape, device=affine.device, dtype=dtype)
+    if affine.device.type == "cpu" and copies == 1:      # per axis, straight into the grid
+        for axis in range(2):
+            torch.add(a[:, axis, 0] * j[0], a[:, axis, 1] * i[0] + a[:, axis, 2], out=grid[:, 0, ..., axis])
+    else:                                             # three kernels for both axes
+        coords = torch.addcmul(torch.addcmul(a[:, :, 2], a[:, :, 0], j), a[:, :, 1], i)  # (cn, 2, Ho, Wo)
+        grid.permute(1, 0, 4, 2, 3).copy_(coords.view(copies, n, 2, out_h, out_w))      # rounded once
+    return grid.view(n, copies * out_h, out_w, 2)
 
 
 @lru_cache(maxsize=16)
@@ -712,6 +759,72 @@ def _affine(angle, dy, dx, h: int, w: int, out_h: int, out_w: int, top0: int, le
     return affine.reshape(-1, 2, 3)
 
 
+def _read_windows(affine: Tensor | None, dy: Tensor | None, dx: Tensor | None, sizes: Sequence[int],
+                  h: int, w: int, out_h: int, out_w: int, top0: int, left0: int) -> list[tuple[int, int, int, int]]:
+    """The window ``(y0, y1, x0, x1)`` of the ``h x w`` images that each block's resampling reads:
+    blocks of ``sizes`` consecutive rows of the sampling maps ``affine`` (B, 2, 3) (see
+    :func:`_affine`), or without rotation, of the integer shifts ``dy``, ``dx`` (B,) of the crop.
+
+    With rotation, the union over the block of the bounding boxes of the output's corners, the
+    bilinear neighbours included, widened by one pixel for the float32 rounding of the grid.
+    """
+    if sum(sizes) == 0:
+        return [None] * len(sizes)
+    starts = np.cumsum([0, *sizes[:-1]])
+    if affine is not None:
+        a = _numpy(affine).astype(np.float64)                                        # (B, 2, 3)
+        side = _dyadic_frame(max(h, w))
+        half = (side - 1) / 2
+        bounds = []
+        for axis, size in ((1, h), (0, w)):                                        # y, then x
+            pad = (side - size) // 2
+            span_j, span_i = a[:, axis, 0] * (out_w - 1), a[:, axis, 1] * (out_h - 1)
+            lo = a[:, axis, 2] + np.minimum(span_j, 0) + np.minimum(span_i, 0)     # normalised
+            hi = a[:, axis, 2] + np.maximum(span_j, 0) + np.maximum(span_i, 0)
+            bounds.append((np.floor((lo + 1) * half - pad) - 1, np.floor((hi + 1) * half - pad) + 3, size))
+    else:
+        dy, dx = _numpy(dy).astype(np.int64), _numpy(dx).astype(np.int64)
+        bounds = [(top0 + dy, top0 + dy + out_h, h), (left0 + dx, left0 + dx + out_w, w)]
+    limits = []
+    for lo, hi, size in bounds:
+        lo = np.minimum.reduceat(np.clip(lo, 0, size), starts)
+        hi = np.maximum.reduceat(np.clip(hi, 0, size), starts)
+        limits.append((lo.astype(int).tolist(), np.maximum(hi, lo).astype(int).tolist()))
+    (y0, y1), (x0, x1) = limits
+    return list(zip(y0, y1, x0, x1))
+
+
+def _by_footprint(blocks: list[tuple[Tensor, int]], affine: Tensor) -> list[tuple[Tensor, int]]:
+    """PSF blocks regrouped so that their read windows (see :func:`_read_windows`) are smaller:
+    consecutive blocks of the same half-width hold interchangeable images (each image's blur is
+    the same in any of them), so each such run is re-sorted by the width of the output's
+    footprint in the input, ``|cos| + |sin|`` of the angle (from the sampling maps ``affine``,
+    (B, 2, 3)), and cut into blocks of the same sizes."""
+    footprint = affine[:, 0, 0].abs() + affine[:, 0, 1].abs()                     # (B,)
+    out = []
+    for r, run in groupby(blocks, key=itemgetter(1)):
+        run = [blk for blk, _ in run]
+        index = torch.cat(run)
+        index = index[torch.argsort(footprint[index], stable=True)]
+        out.extend((part, r) for part in torch.split(index, [blk.numel() for blk in run]))
+    return out
+
+
+def _cut_runs(kernels: Tensor, scale: Tensor | None, radius: int, radii: Sequence[int], sizes: Sequence[int],
+              dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+    """``PSFBlur._cut`` per block, for blocks of ``sizes`` consecutive rows of ``kernels`` (and of
+    ``scale``) with half-widths ``radii``: made once per run of blocks with the same half-width
+    (they are sorted by width), then split into the blocks' planes."""
+    taps, start, c = [], 0, kernels.shape[1]
+    for r, run in groupby(zip(radii, sizes), key=itemgetter(0)):
+        run_sizes = [n * c for _, n in run]
+        rows = slice(start, start + sum(run_sizes) // c)
+        start = rows.stop
+        cut = PSFBlur._cut(kernels[rows], radius, r, None if scale is None else scale[rows], dtype)
+        taps.extend(zip(*(torch.split(t, run_sizes) for t in cut)))
+    return taps
+
+
 def _crop_geometry(h: int, w: int, crop_size: int | None) -> tuple[int, int, int, int]:
     """(out_h, out_w, top0, left0): the output size and the un-jittered crop corner."""
     if crop_size is None:
@@ -753,11 +866,12 @@ def rotate_crop(batch: Tensor, angle: Tensor | None, shifts: Tensor | None,
     affine = torch.from_numpy(_affine(_numpy(angle), _numpy(dy), _numpy(dx), h, w, out_h, out_w,
                                       top0, left0)).to(x.device)                  # (B, 2, 3)
     blocks = _blocks(b, x.device, _CPU_GEOMETRY_CHUNK)
+    grid = _sampling_grid(affine, out_h, out_w, x.dtype)                         # (B, S, S, 2)
     frame = _Frame(blocks[0].stop - blocks[0].start, h, w, x.device, x.dtype)
     out = x.new_empty(b, c, out_h, out_w)                                        # (B, 5, Ho, Wo)
     for blk in blocks:
         frame.inside(blk.stop - blk.start).copy_(x[blk])
-        out[blk] = frame.resample(affine[blk], out_h, out_w)
+        out[blk] = frame.resample(grid[blk])
     return out.to(batch.dtype)
 
 
@@ -1329,16 +1443,56 @@ class AugmentationPipeline:
         shifts = params.jitter_crop.shifts if self.jitter_crop is not None else None
         return x, plan, seeds, params.psf, shifts
 
+    def _prepare(self, plan: _ViewPlan, psf: PSFParams | None, shifts: Tensor | None, b: int,
+                 size: tuple[int, int], device: torch.device, dtype: torch.dtype, copies: int = 1) -> _Work:
+        """The host's part of ``_run`` for ``b`` images of ``size`` (``copies`` stacked copies of a
+        batch) in ``dtype`` on ``device``: the blocks and what each needs, small operations only
+        (no parallel torch operation, so on the CPU it can run before the noise is drawn, while
+        the last call's OpenMP workers still spin)."""
+        h, w = size
+        out_h, out_w, top0, left0 = _crop_geometry(h, w, self.crop_size)
+        radius = plan.radius
+        if copies > 1:                                    # one block: the copies of the batch
+            blocks = [(slice(0, b), radius)]
+        elif radius > 0:
+            blocks = self.psf.blocks(psf, device, radius)
+            if plan.affine is not None and not isinstance(blocks[0][0], slice):
+                blocks = _by_footprint(blocks, plan.affine)
+        else:                                             # no PSF, or none that moves any flux
+            blocks = [(blk, 0) for blk in _blocks(b, device, _CPU_GEOMETRY_CHUNK)]
+        dy, dx = (None, None) if plan.affine is not None else _split_shifts(shifts, b, device)
+        # With the PSF on the CPU, the reddening factor rides along with the blur's first axis
+        # (folded into its kernels), which saves a pass over the crops: the same linear map,
+        # rounded in another order. (Without the PSF the views stay those of the GPU path, op
+        # for op.)
+        fold = device.type == "cpu" and plan.factor is not None and radius > 0
+        # The plan's per-image tables, taken by block rows: for blocks of sorted images, gathered
+        # once in block order, so that block k takes the next rows of each.
+        tables = (plan.kernels, plan.affine, plan.factor if fold else None, dy, dx)
+        if blocks and not isinstance(blocks[0][0], slice):
+            order = torch.cat([blk for blk, _ in blocks])
+            tables = tuple(None if t is None else t.index_select(0, order) for t in tables)
+        sizes = [_block_len(blk, b) for blk, _ in blocks]
+        # On the CPU, each block blurs only the window its resampling reads (the rest of the
+        # frame's inside keeps older values that no sample reaches), and the taps of each run of
+        # blocks with the same half-width are cut in one go.
+        windows = taps = [None] * len(blocks)
+        if device.type == "cpu" and radius > 0:
+            windows = _read_windows(tables[1], *tables[3:], sizes, h, w, out_h, out_w, top0, left0)
+            taps = _cut_runs(tables[0], tables[2], radius, [r for _, r in blocks], sizes, dtype)
+        return _Work(blocks, sizes, tables, windows, taps, None if fold else plan.factor, plan.gamma)
+
     def _run(self, x: Tensor, plan: _ViewPlan, seeds: Sequence[int], psf: PSFParams | None,
              shifts: Tensor | None, copies: int = 1, noise_generator: torch.Generator | None = None,
-             frame_buffer: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+             frame_buffer: Tensor | None = None, out: Tensor | None = None, work: _Work | None = None) -> Tensor:
         """The views of ``copies`` stacked copies of ``x`` (n, 5, H, W) with a plan (and PSF
         parameters and shifts) for ``copies * n`` images and one noise seed per copy:
         (copies * n, 5, S, S) in x's dtype. ``copies > 1`` (both MoCo views in one pass) is for
         devices other than the CPU. ``noise_generator``: a generator on x's device that draws
         the whole noise field instead of the seeds (parameters drawn on the device);
         ``frame_buffer``: a zero frame to use instead of the per-thread one (a CUDA graph owns
-        its own); ``out``: the destination, already holding the noise field (``seeds`` empty).
+        its own); ``out``: the destination, already holding the noise field (``seeds`` empty);
+        ``work``: what ``_prepare`` gives for this call, if made already.
 
         Works block by block (a few images at a time on the CPU, the whole batch elsewhere):
         blur into a zero frame, one resampling for rotation and crop, then
@@ -1364,63 +1518,46 @@ class AugmentationPipeline:
             inside = frame.inside(n1)
             if x.data_ptr() != inside.data_ptr() or x.stride() != inside.stride():
                 inside.copy_(x)                           # (a CUDA graph's input is the frame itself)
-            crop = frame.resample(plan.affine, out_h, out_w, copies)      # (n1, 5, copies * S, S)
+            crop = frame.resample(_sampling_grid(plan.affine, out_h, out_w, x.dtype, copies))  # (n1, 5, copies * S, S)
             crop = crop.view(n1, c, copies, s, s).permute(2, 0, 1, 3, 4)   # (copies, n1, 5, S, S)
             _finish(out.view(copies, n1, c, s, s), crop, *(
                 None if t is None else t.view(copies, n1, c, 1, 1) for t in (plan.factor, plan.gamma)))
             return out
-        if copies > 1:                                    # one block: the copies of the batch
-            blocks = [(slice(0, b), radius)]
-        elif radius > 0:
-            blocks = self.psf.blocks(psf, device, radius)
-        else:                                             # no PSF, or none that moves any flux
-            blocks = [(blk, 0) for blk in _blocks(b, device, _CPU_GEOMETRY_CHUNK)]
+        if work is None:
+            work = self._prepare(plan, psf, shifts, b, (h, w), device, x.dtype, copies)
+        blocks, tables = work.blocks, work.tables
         if copies > 1 and (radius > 0 or plan.affine is None):
             x = x.repeat(copies, 1, 1, 1)                                          # (B, 5, H, W)
-        frame, crops, dy, dx = None, None, None, None
+        frame, grid, crops = None, None, None
         if plan.affine is not None:
-            frame = _Frame(min(b, max(_block_len(blk, b) for blk, _ in blocks)), h, w, device, x.dtype,
-                           buffer=frame_buffer)
-        else:
-            dy, dx = _split_shifts(shifts, b, device)
-        # With the PSF on the CPU, the reddening factor rides along with the blur's first axis
-        # (folded into its kernels), which saves a pass over the crops: the same linear map,
-        # rounded in another order. (Without the PSF the views stay those of the GPU path, op
-        # for op.)
-        fold = device.type == "cpu" and plan.factor is not None and radius > 0
-        factor = None if fold else plan.factor
-        # The plan's per-image tables, taken by block rows: for blocks of sorted images, gathered
-        # once in block order, so that block k takes the next rows of each.
-        tables = (plan.kernels, plan.affine, plan.factor if fold else None, dy, dx)
-        if blocks and not isinstance(blocks[0][0], slice):
-            order = torch.cat([blk for blk, _ in blocks])
-            tables = tuple(None if t is None else t.index_select(0, order) for t in tables)
+            frame = _Frame(min(b, max(work.sizes)), h, w, device, x.dtype, buffer=frame_buffer)
+            grid = _sampling_grid(tables[1], out_h, out_w, x.dtype)                # (B, S, S, 2)
         start = 0
-        for blk, r in blocks:
-            n = _block_len(blk, b)
+        for (blk, r), n, window, block_taps in zip(blocks, work.sizes, work.windows, work.taps):
             rows = blk if isinstance(blk, slice) else slice(start, start + n)
             start += n
-            kernels, affine, scale, dy_rows, dx_rows = (None if t is None else t[rows] for t in tables)
+            kernels, _, scale, dy_rows, dx_rows = (None if t is None else t[rows] for t in tables)
             if frame is not None:                         # sky image into the frame, blurred or not
                 if radius > 0:
                     self.psf._blur_block(_take(x, blk, "block"), kernels, radius, r, out=frame.inside(n),
-                                         scale=scale)
+                                         scale=scale, window=window, taps=block_taps)
                 else:
                     frame.inside(n).copy_(_take(x, blk))
-                crop = frame.resample(affine, out_h, out_w)                                # (n, 5, S, S)
+                crop = frame.resample(grid[rows])                                          # (n, 5, S, S)
             else:
                 src = _take(x, blk, "block")
                 if radius > 0:
-                    src = self.psf._blur_block(src, kernels, radius, r, scale=scale)
+                    src = self.psf._blur_block(src, kernels, radius, r, scale=scale, window=window,
+                                               taps=block_taps)
                 crop = _integer_crop(src, top0 + dy_rows, left0 + dx_rows, s)                # (n, 5, S, S)
             if isinstance(blk, slice):
-                _finish(out[blk], crop, *(None if t is None else t[blk] for t in (factor, plan.gamma)))
+                _finish(out[blk], crop, *(None if t is None else t[blk] for t in (work.factor, work.gamma)))
             else:                                         # a sorted block: its crops back in place
                 if crops is None:
-                    crops = _scratch("crops", tuple(out.shape), out) if plan.gamma is not None else out
+                    crops = _scratch("crops", tuple(out.shape), out) if work.gamma is not None else out
                 crops.index_copy_(0, blk, crop)
         if crops is not None:                             # then finished in one pass
-            _finish(out, crops, factor, plan.gamma)
+            _finish(out, crops, work.factor, work.gamma)
         return out
 
     def __call__(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -1430,6 +1567,21 @@ class AugmentationPipeline:
 
     def __repr__(self) -> str:
         return f"AugmentationPipeline(names={list(self.names)}, crop_size={self.crop_size})"
+
+
+class _Work(NamedTuple):
+    """What ``AugmentationPipeline._prepare`` makes for ``_run``: the blocks ``[(rows, r)]`` and
+    their sizes; the plan's tables (kernels, affine, folded factor, dy, dx) in block order;
+    per block the read window and the cut taps (CPU with the PSF; else None); the factor and
+    gamma left for the finish."""
+
+    blocks: list
+    sizes: list[int]
+    tables: tuple
+    windows: list
+    taps: list
+    factor: Tensor | None
+    gamma: Tensor | None
 
 
 def _finish(out: Tensor, crop: Tensor, factor: Tensor | None, gamma: Tensor | None) -> None:
@@ -1528,9 +1680,13 @@ class TwoViews:
         # largest mmap threshold (32 MB), so its memory is reused from call to call instead of
         # being mapped and page-faulted afresh (about 10 ms a call here).
         views = tuple(x.new_empty(n, x.shape[1], pipe.crop_size, pipe.crop_size) for _ in jobs)
+        # Both views' host work first: it overlaps the OpenMP workers' spinning after the last
+        # parallel operation, which would otherwise slow the noise threads.
+        works = [pipe._prepare(plan, psf, shifts, n, tuple(x.shape[-2:]), x.device, x.dtype)
+                 for _, plan, _, psf, shifts in jobs]
         _cpu_noise_fields([(seeds[0], view) for (_, _, seeds, _, _), view in zip(jobs, views)])
-        for (_, plan, _, psf, shifts), view in zip(jobs, views):
-            pipe._run(x, plan, [], psf, shifts, out=view)                          # (B, 5, S, S)
+        for (_, plan, _, psf, shifts), view, work in zip(jobs, views, works):
+            pipe._run(x, plan, [], psf, shifts, out=view, work=work)               # (B, 5, S, S)
         return tuple(view.to(batch.dtype) for view in views)
 
     def __call__(self, batch: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

@@ -32,7 +32,8 @@ from sdsscl.augment import (
     discrete_gaussian_kernels,
     rotate_crop,
 )
-from sdsscl.augment import _blur_conv, _blur_taps, _take
+import sdsscl.augment as augment_module
+from sdsscl.augment import _blur_conv, _blur_taps, _by_footprint, _take
 from sdsscl.constants import (
     CROP_SIZE,
     CUTOUT_SIZE,
@@ -265,6 +266,22 @@ def test_gpu_blur_path_equals_cpu_blur_path():
     x = random_batch(3).reshape(15, CUTOUT_SIZE, CUTOUT_SIZE)
     k = discrete_gaussian_kernels(torch.rand(15, generator=gen(30), dtype=torch.float64) * 2, 6).float()
     torch.testing.assert_close(_blur_conv(x, k), _blur_taps(x, k), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [(0, CUTOUT_SIZE, 0, CUTOUT_SIZE), (5, 98, 0, 101), (0, 40, 17, CUTOUT_SIZE),
+                                    (30, 31, 50, 52)])
+def test_blur_window_gives_the_whole_blur_there_and_leaves_the_rest(window):
+    # A window computes its pixels with the same operations as the whole blur (bit for bit) and
+    # writes nothing else, so a frame's stale pixels outside it stay as they were.
+    x = random_batch(3).reshape(15, CUTOUT_SIZE, CUTOUT_SIZE)
+    k = discrete_gaussian_kernels(torch.rand(15, generator=gen(31), dtype=torch.float64) * 2, 6).float()
+    whole = _blur_taps(x, k)
+    out = torch.full_like(x, float("nan"))
+    _blur_taps(x, k, out=out, window=window)
+    y0, y1, x0, x1 = window
+    assert torch.equal(out[:, y0:y1, x0:x1], whole[:, y0:y1, x0:x1])
+    out[:, y0:y1, x0:x1] = float("nan")
+    assert out.isnan().all()
 
 
 def test_discrete_gaussian_kernels_are_normalised_bessel_kernels():
@@ -598,6 +615,51 @@ def test_psf_blocks_are_sorted_by_width_and_cover_every_image_once():
     x = random_batch(100)
     whole = torch.stack([psf._blur_block(x[i:i + 1], kernels[i:i + 1], radius, radius)[0] for i in range(100)])
     torch.testing.assert_close(psf.apply(x, p), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_footprint_regrouping_keeps_each_psf_block_size_and_half_width():
+    # Blocks of the same half-width hold interchangeable images: regrouped by the rotated crop's
+    # footprint, every image stays in a block of its half-width, blocks keep their sizes, and
+    # within each run of equal half-widths the footprints grow block by block.
+    pipe = AugmentationPipeline(AUGMENTATIONS, mad=MAD)
+    p = pipe.sample(100, gen(45))
+    radius = p.plan.radius
+    blocks = pipe.psf.blocks(p.psf, torch.device("cpu"), radius)
+    regrouped = _by_footprint(blocks, p.plan.affine)
+    assert [(blk.numel(), r) for blk, r in regrouped] == [(blk.numel(), r) for blk, r in blocks]
+    half_width = {int(i): r for blk, r in blocks for i in blk}
+    assert all(half_width[int(i)] == r for blk, r in regrouped for i in blk)
+    footprint = p.plan.affine[:, 0, 0].abs() + p.plan.affine[:, 0, 1].abs()
+    for (a, ra), (b, rb) in zip(regrouped, regrouped[1:]):
+        if ra == rb:
+            assert footprint[a].max() <= footprint[b].min()
+    assert len({r for _, r in blocks}) < len(blocks)          # some runs to regroup
+
+
+@pytest.mark.parametrize("names", [AUGMENTATIONS, ("reddening", "psf", "jitter_crop", "noise")])
+def test_psf_blocks_blur_only_what_their_resampling_reads(names, monkeypatch):
+    # On the CPU each PSF block blurs only the window its rotation and crop read, and blocks of a
+    # run are regrouped by footprint. Neither may change a value: the views equal those of
+    # whole-image blurs in the original blocks, bit for bit, even with the frame's stale pixels
+    # (and an unblurred source's unwritten ones) poisoned with NaN, which any read would spread.
+    x = random_batch(40)
+    pipe = AugmentationPipeline(names, mad=MAD)
+    p = pipe.sample(40, gen(46))
+    windows = []
+    real = augment_module._read_windows
+    monkeypatch.setattr(augment_module, "_read_windows", lambda *a: windows.extend(real(*a)) or real(*a))
+    pipe.apply(x, p)
+    assert len(windows) == 3 and min((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in windows) < CUTOUT_SIZE**2
+    frame = getattr(augment_module._SCRATCH, "frame", None)
+    if frame is not None:
+        frame[1][:, :, 11:-11, 11:-11] = float("nan")          # the inside, left stale between blocks
+    new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: new_empty(t, *a, **k).fill_(float("nan")))
+    out = pipe.apply(x, p)
+    monkeypatch.undo()
+    monkeypatch.setattr(augment_module, "_read_windows", lambda *a: [(0, CUTOUT_SIZE, 0, CUTOUT_SIZE)] * len(a[3]))
+    monkeypatch.setattr(augment_module, "_by_footprint", lambda blocks, affine: blocks)
+    assert not out.isnan().any() and torch.equal(out, pipe.apply(x, p))
 
 
 # ----------------------------------------------------------------------------- GPU
