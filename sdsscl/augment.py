@@ -53,8 +53,8 @@ field is drawn in groups of 32 images with their own seeded generators, in paral
 (:class:`TwoViews` draws both views' fields in one such pass).
 
 Speed: the pipeline works a few images at a time on the CPU (cache-sized blocks, PSF blocks
-sorted by width so that most need short kernels, then by the size of the rotated crop's
-footprint so that each block blurs only the window its resampling reads, gathered plane by
+sorted by width so that most need short kernels, then by the rows their rotated crops read,
+so that each block blurs only a small window (the pixels its resampling reads), gathered plane by
 plane in one parallel copy, a reused zero frame, no whole-batch temporaries) and on the whole
 batch in a handful of kernels on a GPU. All of a view's randomness is one draw of uniform numbers
 (``Augmentation.from_uniform``); what ``apply`` derives from the parameters (the sampling maps,
@@ -794,18 +794,20 @@ def _read_windows(affine: Tensor | None, dy: Tensor | None, dx: Tensor | None, s
     return list(zip(y0, y1, x0, x1))
 
 
-def _by_footprint(blocks: list[tuple[Tensor, int]], affine: Tensor) -> list[tuple[Tensor, int]]:
+def _by_window(blocks: list[tuple[Tensor, int]], affine: Tensor, size: tuple[int, int], crop: tuple[int, int]
+               ) -> list[tuple[Tensor, int]]:
     """PSF blocks regrouped so that their read windows (see :func:`_read_windows`) are smaller:
     consecutive blocks of the same half-width hold interchangeable images (each image's blur is
-    the same in any of them), so each such run is re-sorted by the width of the output's
-    footprint in the input, ``|cos| + |sin|`` of the angle (from the sampling maps ``affine``,
-    (B, 2, 3)), and cut into blocks of the same sizes."""
-    footprint = affine[:, 0, 0].abs() + affine[:, 0, 1].abs()                     # (B,)
+    the same in any of them), so each such run is re-sorted by the first row each image's
+    resampling reads (with the sampling maps ``affine`` (B, 2, 3) of ``size`` images and ``crop``
+    outputs) and cut into blocks of the same sizes."""
+    n = affine.shape[0]
+    top = torch.tensor([y0 for y0, _, _, _ in _read_windows(affine, None, None, [1] * n, *size, *crop, 0, 0)])
     out = []
     for r, run in groupby(blocks, key=itemgetter(1)):
         run = [blk for blk, _ in run]
         index = torch.cat(run)
-        index = index[torch.argsort(footprint[index], stable=True)]
+        index = index[torch.argsort(top[index], stable=True)]
         out.extend((part, r) for part in torch.split(index, [blk.numel() for blk in run]))
     return out
 
@@ -1457,7 +1459,7 @@ class AugmentationPipeline:
         elif radius > 0:
             blocks = self.psf.blocks(psf, device, radius)
             if plan.affine is not None and not isinstance(blocks[0][0], slice):
-                blocks = _by_footprint(blocks, plan.affine)
+                blocks = _by_window(blocks, plan.affine, (h, w), (out_h, out_w))
         else:                                             # no PSF, or none that moves any flux
             blocks = [(blk, 0) for blk in _blocks(b, device, _CPU_GEOMETRY_CHUNK)]
         dy, dx = (None, None) if plan.affine is not None else _split_shifts(shifts, b, device)

@@ -33,7 +33,7 @@ from sdsscl.augment import (
     rotate_crop,
 )
 import sdsscl.augment as augment_module
-from sdsscl.augment import _blur_conv, _blur_taps, _by_footprint, _take
+from sdsscl.augment import _blur_conv, _blur_taps, _by_window, _read_windows, _take
 from sdsscl.constants import (
     CROP_SIZE,
     CUTOUT_SIZE,
@@ -617,38 +617,39 @@ def test_psf_blocks_are_sorted_by_width_and_cover_every_image_once():
     torch.testing.assert_close(psf.apply(x, p), whole, rtol=1e-6, atol=1e-6)
 
 
-def test_footprint_regrouping_keeps_each_psf_block_size_and_half_width():
-    # Blocks of the same half-width hold interchangeable images: regrouped by the rotated crop's
-    # footprint, every image stays in a block of its half-width, blocks keep their sizes, and
-    # within each run of equal half-widths the footprints grow block by block.
+def test_window_regrouping_keeps_each_psf_block_size_and_half_width():
+    # Blocks of the same half-width hold interchangeable images: regrouped by the first row their
+    # resampling reads, every image stays in a block of its half-width, blocks keep their sizes,
+    # and within each run of equal half-widths those rows grow block by block.
     pipe = AugmentationPipeline(AUGMENTATIONS, mad=MAD)
     p = pipe.sample(100, gen(45))
-    radius = p.plan.radius
-    blocks = pipe.psf.blocks(p.psf, torch.device("cpu"), radius)
-    regrouped = _by_footprint(blocks, p.plan.affine)
+    blocks = pipe.psf.blocks(p.psf, torch.device("cpu"), p.plan.radius)
+    size, crop = (CUTOUT_SIZE, CUTOUT_SIZE), (CROP_SIZE, CROP_SIZE)
+    regrouped = _by_window(blocks, p.plan.affine, size, crop)
     assert [(blk.numel(), r) for blk, r in regrouped] == [(blk.numel(), r) for blk, r in blocks]
     half_width = {int(i): r for blk, r in blocks for i in blk}
     assert all(half_width[int(i)] == r for blk, r in regrouped for i in blk)
-    footprint = p.plan.affine[:, 0, 0].abs() + p.plan.affine[:, 0, 1].abs()
+    top = torch.tensor([w[0] for w in _read_windows(p.plan.affine, None, None, [1] * 100, *size, *crop, 0, 0)])
     for (a, ra), (b, rb) in zip(regrouped, regrouped[1:]):
         if ra == rb:
-            assert footprint[a].max() <= footprint[b].min()
+            assert top[a].max() <= top[b].min()
     assert len({r for _, r in blocks}) < len(blocks)          # some runs to regroup
 
 
 @pytest.mark.parametrize("names", [AUGMENTATIONS, ("reddening", "psf", "jitter_crop", "noise")])
 def test_psf_blocks_blur_only_what_their_resampling_reads(names, monkeypatch):
     # On the CPU each PSF block blurs only the window its rotation and crop read, and blocks of a
-    # run are regrouped by footprint. Neither may change a value: the views equal those of
+    # run are regrouped by the rows they read. Neither may change a value: the views equal those of
     # whole-image blurs in the original blocks, bit for bit, even with the frame's stale pixels
     # (and an unblurred source's unwritten ones) poisoned with NaN, which any read would spread.
     x = random_batch(40)
     pipe = AugmentationPipeline(names, mad=MAD)
     p = pipe.sample(40, gen(46))
-    windows = []
+    calls = []
     real = augment_module._read_windows
-    monkeypatch.setattr(augment_module, "_read_windows", lambda *a: windows.extend(real(*a)) or real(*a))
+    monkeypatch.setattr(augment_module, "_read_windows", lambda *a: calls.append(real(*a)) or calls[-1])
     pipe.apply(x, p)
+    windows = calls[-1]                                      # the blocks' (the first may be per image)
     assert len(windows) == 3 and min((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in windows) < CUTOUT_SIZE**2
     frame = getattr(augment_module._SCRATCH, "frame", None)
     if frame is not None:
@@ -658,7 +659,7 @@ def test_psf_blocks_blur_only_what_their_resampling_reads(names, monkeypatch):
     out = pipe.apply(x, p)
     monkeypatch.undo()
     monkeypatch.setattr(augment_module, "_read_windows", lambda *a: [(0, CUTOUT_SIZE, 0, CUTOUT_SIZE)] * len(a[3]))
-    monkeypatch.setattr(augment_module, "_by_footprint", lambda blocks, affine: blocks)
+    monkeypatch.setattr(augment_module, "_by_window", lambda blocks, *a: blocks)
     assert not out.isnan().any() and torch.equal(out, pipe.apply(x, p))
 
 
