@@ -400,18 +400,26 @@ def _blur_taps(x: Tensor, k: Tensor, out: Tensor | None = None, k_first: Tensor 
     g, h, w = x.shape
     r = (k.shape[1] - 1) // 2
     y0, y1, x0, x1 = (0, h, 0, w) if window is None else window
-    ky = (k if k_first is None else k_first)[:, :, None, None].unbind(1)   # 2r+1 of (G, 1, 1)
-    kx = k[:, :, None, None].unbind(1)
     if out is None:
         out = x.new_empty(g, h, w)
+    k_first = k if k_first is None else k_first
     if r == 0:
-        torch.mul(x[:, y0:y1, x0:x1], ky[0] * kx[0], out=out[:, y0:y1, x0:x1])
+        torch.mul(x[:, y0:y1, x0:x1], (k_first[:, r] * k[:, r])[:, None, None], out=out[:, y0:y1, x0:x1])
         return out
+    # The first pass is computed divided by its centre tap (which the second pass's kernels take
+    # instead), so that it starts with the centre and one neighbour in one operation.
+    centre = k_first[:, r:r + 1]                                 # (G, 1)
+    ky = (k_first / centre)[:, :, None, None].unbind(1)          # 2r+1 of (G, 1, 1); ky[r] = 1
+    kx = (k * centre)[:, :, None, None].unbind(1)
     along_y = _scratch("blur", (g, h, w), x)                     # (G, H, W), rows y0:y1 used
-    torch.mul(x[:, y0:y1], ky[r], out=along_y[:, y0:y1])
+    if y0 == 0:                                                  # row 0 has no neighbour above
+        along_y[:, 0].copy_(x[:, 0])
+    lo = max(y0, 1)
+    if lo < y1:
+        torch.addcmul(x[:, lo:y1], x[:, lo - 1:y1 - 1], ky[r - 1], out=along_y[:, lo:y1])
     for d in range(1, min(r, h - 1) + 1):                        # rows i - d and i + d
         lo, hi = max(y0, d), min(y1, h - d)
-        if lo < y1:
+        if lo < y1 and d > 1:
             along_y[:, lo:y1].addcmul_(x[:, lo - d:y1 - d], ky[r - d])
         if y0 < hi:
             along_y[:, y0:hi].addcmul_(x[:, y0 + d:hi + d], ky[r + d])

@@ -260,10 +260,12 @@ def test_psf_sigma_is_half_normal_0_13_arcsec():
     assert stats.kstest(sigma, stats.halfnorm(scale=0.13).cdf).pvalue > 1e-3
 
 
-def test_gpu_blur_path_equals_cpu_blur_path():
-    # Off the CPU the blur is two depthwise convolutions; on the CPU, shifted multiply-adds.
-    # Both are run here on the CPU so that the GPU's formula is checked without a GPU.
-    x = random_batch(3).reshape(15, CUTOUT_SIZE, CUTOUT_SIZE)
+@pytest.mark.parametrize("shape", [(CUTOUT_SIZE, CUTOUT_SIZE), (1, 9), (2, 9), (9, 1), (5, 3)])
+def test_gpu_blur_path_equals_cpu_blur_path(shape):
+    # Off the CPU the blur is two depthwise convolutions; on the CPU, shifted multiply-adds (the
+    # first axis divided by its centre tap). Both are run here on the CPU so that the GPU's
+    # formula is checked without a GPU; images narrower than the kernel too.
+    x = random_batch(3)[..., :shape[0], :shape[1]].reshape(15, *shape)
     k = discrete_gaussian_kernels(torch.rand(15, generator=gen(30), dtype=torch.float64) * 2, 6).float()
     torch.testing.assert_close(_blur_conv(x, k), _blur_taps(x, k), rtol=1e-5, atol=1e-6)
 
