@@ -528,14 +528,16 @@ class PSFBlur(Augmentation):
 
     @staticmethod
     def _cut(kernels: Tensor, radius: int, r: int, scale: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The CPU taps of kernels (n, 5, 2 radius + 1) cut to half-width r and renormalised: the
-        first axis' (with the per-(image, band) factors ``scale`` (n, 5, ...) folded in) and the
-        second axis', each (n * 5, 2r + 1) in ``dtype``."""
+        """Kernels (n, 5, 2 radius + 1) cut to half-width r and renormalised, for the first axis
+        (with the per-(image, band) factors ``scale`` (n, 5, ...) folded in) and for the second,
+        each (n * 5, 2r + 1) in ``dtype``."""
         n, c = kernels.shape[:2]
         k = kernels[:, :, radius - r:radius + r + 1]
         k = k / k.sum(dim=-1, keepdim=True)                                         # (n, 5, 2r+1)
-        k_first = k if scale is None else k * scale.reshape(n, c, 1).to(k.dtype)
-        return tuple(t.to(dtype).reshape(n * c, 2 * r + 1) for t in (k_first, k))
+        cut = k.to(dtype).reshape(n * c, 2 * r + 1)
+        if scale is None:
+            return cut, cut
+        return (k * scale.reshape(n, c, 1).to(k.dtype)).to(dtype).reshape(n * c, 2 * r + 1), cut
 
     @staticmethod
     def _blur_block(x: Tensor, kernels: Tensor, radius: int, r: int, out: Tensor | None = None,
@@ -556,9 +558,8 @@ class PSFBlur(Augmentation):
             k_first, k = taps if taps is not None else PSFBlur._cut(kernels, radius, r, scale, x.dtype)
             _blur_taps(x.reshape(n * c, h, w), k, out=flat, k_first=k_first, window=window)
         else:
-            k = kernels[:, :, radius - r:radius + r + 1]
-            k = k / k.sum(dim=-1, keepdim=True)                                     # (n, 5, 2r+1)
-            flat.copy_(_blur_conv(x.reshape(n * c, h, w), k.to(x.dtype).reshape(n * c, 2 * r + 1)))
+            _, k = PSFBlur._cut(kernels, radius, r, None, x.dtype)
+            flat.copy_(_blur_conv(x.reshape(n * c, h, w), k))
             if scale is not None:
                 out.mul_(scale.reshape(n, c, 1, 1))
         return out
@@ -1489,7 +1490,7 @@ class AugmentationPipeline:
         if device.type == "cpu" and radius > 0:
             windows = _read_windows(tables[1], *tables[3:], sizes, h, w, out_h, out_w, top0, left0)
             taps = _cut_runs(tables[0], tables[2], radius, [r for _, r in blocks], sizes, dtype)
-        return _Work(blocks, sizes, tables, windows, taps, None if fold else plan.factor, plan.gamma)
+        return _Work(blocks, sizes, tables, windows, taps, None if fold else plan.factor)
 
     def _run(self, x: Tensor, plan: _ViewPlan, seeds: Sequence[int], psf: PSFParams | None,
              shifts: Tensor | None, copies: int = 1, noise_generator: torch.Generator | None = None,
@@ -1560,13 +1561,13 @@ class AugmentationPipeline:
                                                taps=block_taps)
                 crop = _integer_crop(src, top0 + dy_rows, left0 + dx_rows, s)                # (n, 5, S, S)
             if isinstance(blk, slice):
-                _finish(out[blk], crop, *(None if t is None else t[blk] for t in (work.factor, work.gamma)))
+                _finish(out[blk], crop, *(None if t is None else t[blk] for t in (work.factor, plan.gamma)))
             else:                                         # a sorted block: its crops back in place
                 if crops is None:
-                    crops = _scratch("crops", tuple(out.shape), out) if work.gamma is not None else out
+                    crops = _scratch("crops", tuple(out.shape), out) if plan.gamma is not None else out
                 crops.index_copy_(0, blk, crop)
         if crops is not None:                             # then finished in one pass
-            _finish(out, crops, work.factor, work.gamma)
+            _finish(out, crops, work.factor, plan.gamma)
         return out
 
     def __call__(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -1581,8 +1582,8 @@ class AugmentationPipeline:
 class _Work(NamedTuple):
     """What ``AugmentationPipeline._prepare`` makes for ``_run``: the blocks ``[(rows, r)]`` and
     their sizes; the plan's tables (kernels, affine, folded factor, dy, dx) in block order;
-    per block the read window and the cut taps (CPU with the PSF; else None); the factor and
-    gamma left for the finish."""
+    per block the read window and the cut taps (CPU with the PSF; else None); the reddening
+    factor left for the finish (None where the blur took it)."""
 
     blocks: list
     sizes: list[int]
@@ -1590,7 +1591,6 @@ class _Work(NamedTuple):
     windows: list
     taps: list
     factor: Tensor | None
-    gamma: Tensor | None
 
 
 def _finish(out: Tensor, crop: Tensor, factor: Tensor | None, gamma: Tensor | None) -> None:
