@@ -1691,8 +1691,8 @@ class TwoViews:
         views = tuple(x.new_empty(n, x.shape[1], pipe.crop_size, pipe.crop_size) for _ in jobs)
         # Both views' host work (small, single-threaded operations) before the noise: the noise
         # threads run slower right after parallel torch operations, while torch's OpenMP worker
-        # still spins (measured here: 23.6 ms for both fields right after one, 19-21 ms after
-        # 2-8 ms of single-threaded work), so that work is best placed in front of them.
+        # still spins (measured here: 23.6 ms for both fields right after one, 21.8 ms after 2 ms
+        # of single-threaded work, 19.1 ms after 8 ms), so that work is best placed before them.
         works = [pipe._prepare(plan, psf, shifts, n, tuple(x.shape[-2:]), x.device, x.dtype)
                  for _, plan, _, psf, shifts in jobs]
         _cpu_noise_fields([(seeds[0], view) for (_, _, seeds, _, _), view in zip(jobs, views)])
