@@ -423,14 +423,14 @@ def _blur_taps(x: Tensor, k: Tensor, out: Tensor | None = None, k_first: Tensor 
             along_y[:, lo:y1].addcmul_(x[:, lo - d:y1 - d], ky[r - d])
         if y0 < hi:
             along_y[:, y0:hi].addcmul_(x[:, y0 + d:hi + d], ky[r + d])
-    rows = slice(y0, y1)
-    torch.mul(along_y[:, rows, x0:x1], kx[r], out=out[:, rows, x0:x1])
+    src, dst = along_y[:, y0:y1], out[:, y0:y1]                  # the window's rows
+    torch.mul(src[..., x0:x1], kx[r], out=dst[..., x0:x1])
     for d in range(1, min(r, w - 1) + 1):                        # columns j - d and j + d
         lo, hi = max(x0, d), min(x1, w - d)
         if lo < x1:
-            out[:, rows, lo:x1].addcmul_(along_y[:, rows, lo - d:x1 - d], kx[r - d])
+            dst[..., lo:x1].addcmul_(src[..., lo - d:x1 - d], kx[r - d])
         if x0 < hi:
-            out[:, rows, x0:hi].addcmul_(along_y[:, rows, x0 + d:hi + d], kx[r + d])
+            dst[..., x0:hi].addcmul_(src[..., x0 + d:hi + d], kx[r + d])
     return out
 
 
@@ -614,17 +614,19 @@ def _dyadic_frame(size: int) -> int:
     return (1 << max(1, (size - 1 - 1).bit_length())) + 1
 
 
-def _scratch(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """A scratch tensor of ``shape`` (dtype and device of ``like``), kept per thread and reused
-    by the next call that asks for ``name``: on the CPU, a fresh multi-megabyte tensor per block
-    costs more in page faults than the arithmetic done in it."""
+def _scratch(name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A scratch tensor of ``shape`` (the device of ``like``, its dtype unless ``dtype`` is
+    given), kept per thread and reused by the next call that asks for ``name``: on the CPU, a
+    fresh multi-megabyte tensor per block costs more in page faults than the arithmetic done in
+    it."""
     store = getattr(_SCRATCH, "tensors", None)
     if store is None:
         store = _SCRATCH.tensors = {}
     n = math.prod(shape)
+    dtype = like.dtype if dtype is None else dtype
     buf = store.get(name)
-    if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
-        buf = store[name] = torch.empty(n, dtype=like.dtype, device=like.device)
+    if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != like.device:
+        buf = store[name] = torch.empty(n, dtype=dtype, device=like.device)
     return buf[:n].view(shape)
 
 
@@ -711,7 +713,7 @@ def _sampling_grid(affine: Tensor, out_h: int, out_w: int, dtype: torch.dtype, c
     a = affine[:, :, :, None, None]                                                 # (n, 2, 3, 1, 1)
     shape = (n, copies, out_h, out_w, 2)
     if affine.device.type == "cpu":                   # reused: no fresh pages to fault per call
-        grid = _scratch("grid", shape, torch.empty(0, dtype=dtype))
+        grid = _scratch("grid", shape, affine, dtype)
     else:
         grid = torch.empty(shape, device=affine.device, dtype=dtype)
     if affine.device.type == "cpu" and copies == 1:      # per axis, straight into the grid
