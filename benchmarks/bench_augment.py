@@ -15,9 +15,13 @@ scikit-image (reddening multiply, ``scipy.ndimage.gaussian_filter`` per band,
 
 Views/s counts augmented 64x64 views (two per image per call), over rounds of calls run back to
 back as in training (on a GPU the host prepares the next call while the device runs the last;
-one synchronisation per round). Timings on a shared machine vary with its load, which the script
-prints: torch's multi-threaded CPU kernels stall whenever another process holds a core, so
-compare ``--threads 1`` (one core each) there, and read the best round as the uncontended speed.
+one synchronisation per round). Each round follows one pass of the reference, and the ratio is
+the median over rounds of each round's views/s over its own reference pass's: pairs measured
+within about a second of each other, so that a change in the machine's load between the two
+halves of a run does not enter the ratio. Timings on a shared machine vary with its load, which
+the script prints: torch's multi-threaded CPU kernels stall whenever another process holds a
+core, so compare ``--threads 1`` (one core each) there, and read the best round as the
+uncontended speed.
 ``--profile`` splits a call into drawing the parameters (host) and applying them, and lists the
 costliest torch operations.
 """
@@ -79,26 +83,23 @@ def reference_view(img: np.ndarray, rng: np.random.Generator, mad: np.ndarray, p
     return (img + rng.normal(0, 1, img.shape) * (level * mad)[:, None, None]).astype(np.float32)
 
 
-def time_reference(images: np.ndarray, mad: np.ndarray, psf: bool, repeats: int, seed: int) -> list[float]:
-    """Seconds for two views of every image, per repeat."""
-    rng = np.random.default_rng(seed)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for img in images:
-            reference_view(img, rng, mad, psf)
-            reference_view(img, rng, mad, psf)
-        times.append(time.perf_counter() - t0)
-    return times
+def reference_pass(images: np.ndarray, mad: np.ndarray, psf: bool, rng: np.random.Generator) -> float:
+    """Seconds for two views of every image."""
+    t0 = time.perf_counter()
+    for img in images:
+        reference_view(img, rng, mad, psf)
+        reference_view(img, rng, mad, psf)
+    return time.perf_counter() - t0
 
 
 def time_torch(views: TwoViews, batch: torch.Tensor, repeats: int, warmup: int, seed: int,
-               rounds: int = 5, draw_on_device: bool = False) -> list[float]:
+               rounds: int = 5, draw_on_device: bool = False, before_round=None) -> list[float]:
     """Seconds per call of ``views(batch)`` (both views, parameters drawn included), one value
     per round of ``repeats`` calls run back to back, as a training loop runs them: on a GPU the
     host draws and launches the next call while the device still works on the last, and the
     round ends with one synchronisation. ``draw_on_device``: a generator on the batch's device
-    (the parameters drawn there) instead of a CPU one."""
+    (the parameters drawn there) instead of a CPU one. ``before_round``: called (untimed) before
+    each round, e.g. a reference pass to pair with it."""
     gen = torch.Generator(device=batch.device if draw_on_device else "cpu").manual_seed(seed)
     cuda = batch.device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(batch.device)) if cuda else (lambda: None)
@@ -107,6 +108,8 @@ def time_torch(views: TwoViews, batch: torch.Tensor, repeats: int, warmup: int, 
     sync()
     times = []
     for _ in range(rounds):
+        if before_round is not None:
+            before_round()
         t0 = time.perf_counter()
         for _ in range(repeats):
             views(batch, gen)
@@ -186,11 +189,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[256],
                         help="images per call; several sizes give one row each (default: 256)")
     parser.add_argument("--repeats", type=int, default=10,
-                        help="calls per timed round, 5 rounds per pipeline and batch size (default: 10)")
+                        help="calls per timed round (default: 10)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="timed rounds per pipeline and batch size, each after one reference pass "
+                             "(default: 5)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: 3)")
     parser.add_argument("--ref-images", type=int, default=128,
                         help="images of the batch the per-image reference runs on (default: 128)")
-    parser.add_argument("--ref-repeats", type=int, default=3, help="timed reference passes (default: 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=2021)
     parser.add_argument("--draws", choices=("cpu", "device", "both"), default=None,
@@ -229,34 +234,39 @@ def main(argv: list[str] | None = None) -> None:
     n_ref = min(args.ref_images, max(sizes))
     for label, names in (("best set (no PSF)", BEST_AUGMENTATIONS), ("all five (with PSF)", AUGMENTATIONS)):
         views = TwoViews(AugmentationPipeline(names, mad=mad), cuda_graphs=args.cuda_graphs)
-        ref = 2 * n_ref / np.array(time_reference(images[:n_ref], mad, "psf" in names, args.ref_repeats, args.seed))
+        rng = np.random.default_rng(args.seed)
         for on_device in modes:
             for size in sizes:
                 batch = full[:size].contiguous()
-                ours = 2 * size / np.array(time_torch(views, batch, args.repeats, args.warmup, args.seed,
-                                                      draw_on_device=on_device))
+                ref_times = []
+                ours = 2 * size / np.array(time_torch(
+                    views, batch, args.repeats, args.warmup, args.seed, rounds=args.rounds, draw_on_device=on_device,
+                    before_round=lambda: ref_times.append(reference_pass(images[:n_ref], mad, "psf" in names, rng))))
+                ref = 2 * n_ref / np.array(ref_times)
                 where = device.type if on_device else "cpu"
-                rows.append((label, where, size, np.median(ours), ours.max(), np.median(ref), ref.max()))
+                rows.append((label, where, size, np.median(ours), ours.max(), np.median(ref), ref.max(),
+                             np.median(ours / ref)))
     header = (f"{'pipeline':21s} {'draws':>5s} {'B':>5s} {'sdsscl views/s':>15s} {'(best)':>10s} "
               f"{'reference views/s':>18s} {'(best)':>8s} {'ratio':>8s} {'(best)':>8s}")
     print(header)
     print("-" * len(header))
-    for label, where, size, ours, ours_best, ref, ref_best in rows:
+    for label, where, size, ours, ours_best, ref, ref_best, ratio in rows:
         print(f"{label:21s} {where:>5s} {size:5d} {ours:15,.0f} {ours_best:10,.0f} {ref:18,.0f} {ref_best:8,.0f} "
-              f"{ours / ref:7.1f}x {ours_best / ref_best:7.1f}x")
+              f"{ratio:7.1f}x {ours_best / ref_best:7.1f}x")
     if args.profile:
         profile_calls(TwoViews(AugmentationPipeline(BEST_AUGMENTATIONS, mad=mad)), full[:sizes[0]].contiguous(),
                       args.seed)
     print()
-    print(f"views/s: 64x64 views produced per second (2 per image), median and best of 5 rounds; draws: "
+    print(f"views/s: 64x64 views produced per second (2 per image), median and best of {args.rounds} rounds; draws: "
           f"where the parameters are drawn (cpu: a CPU generator; cuda: one on the GPU, which\n"
           f"TwoViews replays as a CUDA graph per batch shape up to {_GRAPH_MAX_IMAGES} images without the PSF"
           f"{'' if args.cuda_graphs else ', here turned off'});\n"
-          f"ratio: sdsscl / reference. sdsscl: {device.type}, rounds of {args.repeats} back-to-back calls "
+          f"ratio: median over rounds of sdsscl / reference, each round against the reference pass just before it "
+          f"(best: best / best).\nsdsscl: {device.type}, rounds of {args.repeats} back-to-back calls "
           f"(one synchronisation per round) after {args.warmup} warm-up calls, parameters drawn in every call. "
           f"reference: "
           f"numpy/scikit-image on the CPU,\none image at a time in one process, {n_ref} images x 2 views, "
-          f"{args.ref_repeats} passes. Load average after the run: {os.getloadavg()[0]:.2f}.")
+          f"one pass before each round. Load average after the run: {os.getloadavg()[0]:.2f}.")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sdsscl.constants import CROP_SIZE, CUTOUT_SIZE, R_SF11
 
@@ -52,7 +53,7 @@ def test_augmentation_reference_reddens_blurs_rotates_crops_and_adds_the_drawn_n
 
 def test_bench_augment_reports_both_pipelines_side_by_side(bench_augment, capsys):
     bench_augment.main(["--batch-size", "8", "--repeats", "1", "--warmup", "1", "--ref-images", "2",
-                        "--ref-repeats", "1"])
+                        "--rounds", "2"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(("best set", "all five"))]
     assert [r.split()[0] for r in rows] == ["best", "all"]
@@ -63,6 +64,24 @@ def test_bench_augment_reports_both_pipelines_side_by_side(bench_augment, capsys
     assert "torch threads" in out and "reference" in out
     with pytest.raises(SystemExit):                                      # GPU draws need a GPU
         bench_augment.main(["--draws", "device"])
+    # Each timed round follows its own reference pass (the ratio pairs them).
+    events = []
+    views = bench_augment.TwoViews(bench_augment.AugmentationPipeline(("rotate",)))
+    batch = torch.zeros(2, 5, CUTOUT_SIZE, CUTOUT_SIZE)
+    times = bench_augment.time_torch(_Counting(views, events), batch, repeats=2, warmup=1, seed=0, rounds=3,
+                                     before_round=lambda: events.append("ref"))
+    assert len(times) == 3 and events == ["call"] + ["ref", "call", "call"] * 3
+
+
+class _Counting:
+    """A stand-in for TwoViews that records its calls."""
+
+    def __init__(self, views, events):
+        self.views, self.events = views, events
+
+    def __call__(self, batch, generator):
+        self.events.append("call")
+        return self.views(batch, generator)
 
 
 def test_the_other_benchmarks_run_with_tiny_settings(capsys):
