@@ -99,7 +99,8 @@ def time_torch(views: TwoViews, batch: torch.Tensor, repeats: int, warmup: int, 
     host draws and launches the next call while the device still works on the last, and the
     round ends with one synchronisation. ``draw_on_device``: a generator on the batch's device
     (the parameters drawn there) instead of a CPU one. ``before_round``: called (untimed) before
-    each round, e.g. a reference pass to pair with it."""
+    each round, e.g. a reference pass to pair with it, and then followed by one untimed call, so
+    that every round starts with warm caches and threads like the first."""
     gen = torch.Generator(device=batch.device if draw_on_device else "cpu").manual_seed(seed)
     cuda = batch.device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(batch.device)) if cuda else (lambda: None)
@@ -110,6 +111,8 @@ def time_torch(views: TwoViews, batch: torch.Tensor, repeats: int, warmup: int, 
     for _ in range(rounds):
         if before_round is not None:
             before_round()
+            views(batch, gen)                 # untimed: the round starts warm, as the first did
+            sync()
         t0 = time.perf_counter()
         for _ in range(repeats):
             views(batch, gen)
