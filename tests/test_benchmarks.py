@@ -73,6 +73,25 @@ def test_bench_augment_reports_both_pipelines_side_by_side(bench_augment, capsys
     assert len(times) == 3 and events == ["call"] + ["ref", "call", "call", "call"] * 3
 
 
+def test_bench_augment_ratio_is_the_median_of_paired_rounds(bench_augment, capsys, monkeypatch):
+    # Rounds of 8 images and reference passes of 2 images, timed as below: paired ratios
+    # 40, 50 and 40 (median 40), while the ratio of the medians would be 100 / 2 = 50.
+    ref_seconds, our_seconds = iter([1.0, 2.0, 4.0] * 2), [0.1, 0.16, 0.4]
+
+    def fake_time_torch(views, batch, repeats, warmup, seed, rounds, draw_on_device, before_round):
+        for _ in range(rounds):
+            before_round()
+        return our_seconds
+
+    monkeypatch.setattr(bench_augment, "reference_pass", lambda *args: next(ref_seconds))
+    monkeypatch.setattr(bench_augment, "time_torch", fake_time_torch)
+    bench_augment.main(["--batch-size", "8", "--ref-images", "2", "--rounds", "3"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("best", "all"))]
+    assert len(rows) == 2
+    for fields in rows:               # views/s (median, best) x 2, ratio (median, best)
+        assert fields[-6:] == ["100", "160", "2", "4", "40.0x", "40.0x"]
+
+
 class _Counting:
     """A stand-in for TwoViews that records its calls."""
 
