@@ -53,9 +53,10 @@ field is drawn in groups of 32 images with their own seeded generators, in paral
 (:class:`TwoViews` draws both views' fields in one such pass).
 
 Speed: the pipeline works a few images at a time on the CPU (cache-sized blocks, PSF blocks
-sorted by width so that most need short kernels, then by the rows their rotated crops read,
-so that each block blurs only a small window (the pixels its resampling reads), gathered plane by
-plane in one parallel copy, a reused zero frame, no whole-batch temporaries) and on the whole
+sorted by width so that most need short kernels; each blurs only the pixels its resampling
+reads: with rotation, the images of a block are aligned on their own read windows, sorted by
+size, and each window is gathered from the flat batch in one parallel copy; reused scratch
+frames, no whole-batch temporaries) and on the whole
 batch in a handful of kernels on a GPU. All of a view's randomness is one draw of uniform numbers
 (``Augmentation.from_uniform``); what ``apply`` derives from the parameters (the sampling maps,
 band factors and PSF kernels: the *plan*) is computed with numpy on the CPU when they are drawn,
@@ -770,29 +771,37 @@ def _affine(angle, dy, dx, h: int, w: int, out_h: int, out_w: int, top0: int, le
     return affine.reshape(-1, 2, 3)
 
 
+def _image_windows(affine: Tensor, h: int, w: int, out_h: int, out_w: int) -> np.ndarray:
+    """The pixels of its ``h x w`` image that each resampling reads, not clipped to the image:
+    (B, 4) int64 rows ``(y0, y1, x0, x1)`` (ends excluded) for the sampling maps ``affine``
+    (B, 2, 3) (see :func:`_affine`): the bounding box of the output's corners, the bilinear
+    neighbours included, widened by one pixel for the float32 rounding of the grid."""
+    a = _numpy(affine).astype(np.float64)                                            # (B, 2, 3)
+    side = _dyadic_frame(max(h, w))
+    half = (side - 1) / 2
+    bounds = []
+    for axis, size in ((1, h), (0, w)):                                            # y, then x
+        pad = (side - size) // 2
+        span_j, span_i = a[:, axis, 0] * (out_w - 1), a[:, axis, 1] * (out_h - 1)
+        lo = a[:, axis, 2] + np.minimum(span_j, 0) + np.minimum(span_i, 0)         # normalised
+        hi = a[:, axis, 2] + np.maximum(span_j, 0) + np.maximum(span_i, 0)
+        bounds += [np.floor((lo + 1) * half - pad) - 1, np.floor((hi + 1) * half - pad) + 3]
+    return np.stack(bounds, axis=1).astype(np.int64)
+
+
 def _read_windows(affine: Tensor | None, dy: Tensor | None, dx: Tensor | None, sizes: Sequence[int],
                   h: int, w: int, out_h: int, out_w: int, top0: int, left0: int) -> list[tuple[int, int, int, int]]:
     """The window ``(y0, y1, x0, x1)`` of the ``h x w`` images that each block's resampling reads:
     blocks of ``sizes`` consecutive rows of the sampling maps ``affine`` (B, 2, 3) (see
     :func:`_affine`), or without rotation, of the integer shifts ``dy``, ``dx`` (B,) of the crop.
-
-    With rotation, the union over the block of the bounding boxes of the output's corners, the
-    bilinear neighbours included, widened by one pixel for the float32 rounding of the grid.
+    With rotation, the union over the block of :func:`_image_windows`, clipped to the image.
     """
     if sum(sizes) == 0:
         return [None] * len(sizes)
     starts = np.cumsum([0, *sizes[:-1]])
     if affine is not None:
-        a = _numpy(affine).astype(np.float64)                                        # (B, 2, 3)
-        side = _dyadic_frame(max(h, w))
-        half = (side - 1) / 2
-        bounds = []
-        for axis, size in ((1, h), (0, w)):                                        # y, then x
-            pad = (side - size) // 2
-            span_j, span_i = a[:, axis, 0] * (out_w - 1), a[:, axis, 1] * (out_h - 1)
-            lo = a[:, axis, 2] + np.minimum(span_j, 0) + np.minimum(span_i, 0)     # normalised
-            hi = a[:, axis, 2] + np.maximum(span_j, 0) + np.maximum(span_i, 0)
-            bounds.append((np.floor((lo + 1) * half - pad) - 1, np.floor((hi + 1) * half - pad) + 3, size))
+        win = _image_windows(affine, h, w, out_h, out_w)
+        bounds = [(win[:, 0], win[:, 1], h), (win[:, 2], win[:, 3], w)]
     else:
         dy, dx = _numpy(dy).astype(np.int64), _numpy(dx).astype(np.int64)
         bounds = [(top0 + dy, top0 + dy + out_h, h), (left0 + dx, left0 + dx + out_w, w)]
@@ -805,22 +814,160 @@ def _read_windows(affine: Tensor | None, dy: Tensor | None, dx: Tensor | None, s
     return list(zip(y0, y1, x0, x1))
 
 
-def _by_window(blocks: list[tuple[Tensor, int]], affine: Tensor, size: tuple[int, int], crop: tuple[int, int]
-               ) -> list[tuple[Tensor, int]]:
-    """PSF blocks regrouped so that their read windows (see :func:`_read_windows`) are smaller:
-    consecutive blocks of the same half-width hold interchangeable images (each image's blur is
-    the same in any of them), so each such run is re-sorted by the first row each image's
-    resampling reads (with the sampling maps ``affine`` (B, 2, 3) of ``size`` images and ``crop``
-    outputs) and cut into blocks of the same sizes."""
-    n = affine.shape[0]
-    top = torch.tensor([y0 for y0, _, _, _ in _read_windows(affine, None, None, [1] * n, *size, *crop, 0, 0)])
+def _by_size(blocks: list[tuple[Tensor, int]], windows: np.ndarray) -> list[tuple[Tensor, int]]:
+    """PSF blocks regrouped so that each holds images with read windows of about one size (see
+    :func:`_aligned_blocks`, which blurs each block at the size of its largest): consecutive
+    blocks of the same half-width hold interchangeable images (each image's blur is the same in
+    any of them), so each such run is re-sorted by the height plus width of each image's window
+    ``windows`` (B, 4) (see :func:`_image_windows`) and cut into blocks of the same sizes."""
+    extent = torch.from_numpy(windows[:, 1] - windows[:, 0] + windows[:, 3] - windows[:, 2])
     out = []
     for r, run in groupby(blocks, key=itemgetter(1)):
         run = [blk for blk, _ in run]
         index = torch.cat(run)
-        index = index[torch.argsort(top[index], stable=True)]
+        index = index[torch.argsort(extent[index], stable=True)]
         out.extend((part, r) for part in torch.split(index, [blk.numel() for blk in run]))
     return out
+
+
+class _Aligned(NamedTuple):
+    """How ``AugmentationPipeline._run`` blurs one block of images aligned on their read windows
+    (see :func:`_aligned_blocks`): where its sources start in the batch, what to zero before and
+    after the blur, and where the blurred windows go in the frame. Images are counted by their
+    place in the block; source rows and columns k are image rows and columns ``corner + k``."""
+
+    offsets: Tensor              # (n * 5,) offsets in the flat batch of each source plane's first pixel
+    rows: int                    # source rows per plane: the block's largest window height + 2r
+    cols: int                    # source columns per row: the block's largest window width + 2r
+    window: tuple[int, int, int, int]   # the rows and columns blurred, in source coordinates
+    at: int                      # the frame row and column of source row and column 0
+    side: int                    # the frame's side (the sampling maps are made for it)
+    zero_rows: Tensor | None     # source rows outside their image, as rows of the (n * 5 * rows, cols) source
+    zero_cols: list              # (image, first, end): source columns outside the image
+    clear: list                  # (image, axis, first, end): blurred rows (axis 0) or columns
+                                 # (axis 1) of the window that lie outside the image
+    fix: list                    # (plane, image, band, k0, k1, c0, c1, y0, x0): sources that would
+                                 # start before the batch or end after it, copied instead
+
+
+def _aligned_blocks(affine: Tensor, windows: np.ndarray, radii: Sequence[int], sizes: Sequence[int],
+                    shape: tuple[int, int, int, int], index: Tensor, radius: int) -> tuple[Tensor, list[_Aligned]]:
+    """The CPU blur of rotated views, block by block, with every image of a block placed so that
+    the windows its resampling reads (``windows`` (B, 4), see :func:`_image_windows`) start at
+    the same frame pixel. A block then blurs a window of the size of its largest image's (the
+    blocks hold windows of about one size, see :func:`_by_size`) instead of the union of the
+    images' windows where they lie, which is larger: the windows move with each image's jitter
+    and rotation.
+
+    affine: the sampling maps (B, 2, 3) of the images in block order; windows, in block order;
+    radii and sizes: each block's half-width and number of images; shape: the batch's (B', C, H,
+    W) (B' >= B images, rows ``index`` (B,) of it in block order); radius: the batch's widest
+    half-width. Returns the sampling maps for the frame of those placements (see
+    :func:`_aligned_frame_side`) and, per block, an :class:`_Aligned`.
+
+    Each source row is a run of ``cols`` pixels read from the flat batch, so a row that runs past
+    its image's edge holds pixels of the next row or plane; those and the rows outside the image
+    are zeroed (the blur's zero padding), and blurred pixels outside the image, which the zero
+    frame would give, are zeroed after the blur. Blurred pixels outside an image's window stay
+    unread.
+    """
+    nb, c, h, w = shape
+    y0, y1, x0, x1 = windows.T
+    side = _aligned_frame_side(h, w, windows, radius)
+    # Image pixel (y, x) of image i lies at frame pixel (radius - y0_i + y, radius - x0_i + x).
+    old_side = _dyadic_frame(max(h, w))
+    old_half, half = (old_side - 1) / 2, (side - 1) / 2
+    a = _numpy(affine).astype(np.float64).copy()
+    for axis, (pad, start) in enumerate((((old_side - w) // 2, x0), ((old_side - h) // 2, y0))):
+        a[:, axis, 2] = ((a[:, axis, 2] + 1) * old_half - pad + radius - start) / half - 1
+        a[:, axis, :2] *= old_half / half
+    # Per image, in the source coordinates of its block (row k is image row sy + k): its corner,
+    # the rows and columns its blur needs, and which of them lie outside the image.
+    nblk = len(sizes)
+    starts = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+    blk = np.repeat(np.arange(nblk), sizes)                                       # each image's block
+    slot = np.arange(len(blk)) - starts[blk]                                       # its place there
+    r_blk = np.asarray(radii, dtype=np.int64)
+    hy, hx = np.maximum.reduceat(y1 - y0, starts), np.maximum.reduceat(x1 - x0, starts)
+    ry, cx = hy + 2 * r_blk, hx + 2 * r_blk                                        # per block
+    r_img, ry_img = r_blk[blk], ry[blk]
+    sy, sx = y0 - r_img, x0 - r_img
+    need_h, need_w = y1 - y0 + 2 * r_img, x1 - x0 + 2 * r_img
+    bands = np.arange(c)
+    idx = _numpy(index).astype(np.int64)
+    off = ((idx[:, None] * c + bands) * h + sy[:, None]) * w + sx[:, None]         # (B, C) first pixels
+    last = (nb * c * h * w - (ry - 1) * w - cx)[blk]   # the last offset a whole source fits after
+    fix = [[] for _ in range(nblk)]
+    for i, band in zip(*np.nonzero((off < 0) | (off > last[:, None]))):  # the batch's first/last planes
+        top, left, rows, cols = int(sy[i]), int(sx[i]), int(ry_img[i]), int(cx[blk[i]])
+        k0, k1, c0, c1 = max(0, -top), min(rows, h - top), max(0, -left), min(cols, w - left)
+        if k0 < k1 and c0 < c1:
+            fix[blk[i]].append((int(slot[i]) * c + int(band), int(idx[i]), int(band), k0, k1, c0, c1,
+                                top + k0, left + c0))
+    off = np.clip(off, 0, last[:, None])
+    # rows outside the image, as flat rows (slot, band, k) of the block's source
+    k = np.arange(int(ry.max()))[None, :]
+    i, k = np.nonzero(((sy[:, None] + k < 0) | (sy[:, None] + k >= h)) & (k < need_h[:, None]))
+    flat = ((slot[i, None] * c + bands) * ry_img[i, None] + k[:, None]).reshape(-1)
+    cut = np.searchsorted(i, starts).tolist() + [len(i)]
+    zero_rows = [torch.from_numpy(flat[cut[j] * c:cut[j + 1] * c]) if cut[j] < cut[j + 1] else None
+                 for j in range(nblk)]
+    zero_cols = [[] for _ in range(nblk)]
+    for i in np.flatnonzero(sx < 0):
+        zero_cols[blk[i]].append((int(slot[i]), 0, int(min(-sx[i], need_w[i]))))
+    for i in np.flatnonzero(w - sx < need_w):
+        zero_cols[blk[i]].append((int(slot[i]), int(max(w - sx[i], 0)), int(need_w[i])))
+    clear = [[] for _ in range(nblk)]                 # the window's blurred pixels outside the image
+    for i in np.flatnonzero((y0 < 0) | (y1 > h) | (x0 < 0) | (x1 > w)):
+        r = int(r_img[i])
+        for axis, lo, size, extent in ((0, sy[i], h, y1[i] - y0[i]), (1, sx[i], w, x1[i] - x0[i])):
+            for a0, a1 in ((r, -lo), (size - lo, r + extent)):
+                a0, a1 = int(max(a0, r)), int(min(a1, r + extent))
+                if a0 < a1:
+                    clear[blk[i]].append((int(slot[i]), axis, a0, a1))
+    blocks = []
+    for j, r in enumerate(radii):
+        rows = slice(starts[j], starts[j] + sizes[j])
+        blocks.append(_Aligned(torch.from_numpy(off[rows].reshape(-1)), int(ry[j]), int(cx[j]),
+                               (r, r + int(hy[j]), r, r + int(hx[j])), radius - r, side,
+                               zero_rows[j], zero_cols[j], clear[j], fix[j]))
+    return torch.from_numpy(a), blocks
+
+
+def _blur_aligned(x: Tensor, block: _Aligned, frame: Tensor, n: int, kernels: Tensor, radius: int, r: int,
+                  scale: Tensor | None, taps: tuple[Tensor, Tensor], grid: Tensor) -> Tensor:
+    """One block of :func:`_aligned_blocks`: gather its sources (one window of the flat batch per
+    plane) from the contiguous batch ``x``, zero what lies outside the images, blur into the frame (the per-thread scratch
+    ``frame`` (>= n, 5, side, side)), zero the blurred pixels outside the images, and resample
+    at ``grid`` (n, S, S, 2): (n, 5, S, S)."""
+    c, w = x.shape[1], x.shape[-1]
+    rows, cols = block.rows, block.cols
+    flat = x.view(-1)
+    # every (rows, cols) window of the flat batch, by the offset of its first pixel
+    windows = flat.as_strided((flat.numel() - (rows - 1) * w - cols + 1, rows, cols), (1, w, 1))
+    src = _scratch("block", (n * c, rows, cols), x)
+    torch.index_select(windows, 0, block.offsets, out=src)
+    for p, i, band, k0, k1, c0, c1, y0, x0 in block.fix:
+        src[p].zero_()
+        src[p, k0:k1, c0:c1].copy_(x[i, band, y0:y0 + k1 - k0, x0:x0 + c1 - c0])
+    if block.zero_rows is not None:
+        src.view(n * c * rows, cols).index_fill_(0, block.zero_rows, 0.0)
+    src = src.view(n, c, rows, cols)
+    for i, c0, c1 in block.zero_cols:
+        src[i, :, :, c0:c1].zero_()
+    at = block.at
+    out = frame[:n, :, at:at + block.rows, at:at + block.cols]
+    PSFBlur._blur_block(src, kernels, radius, r, out=out, scale=scale, window=block.window, taps=taps)
+    for i, axis, a0, a1 in block.clear:
+        (out[i, :, a0:a1] if axis == 0 else out[i, :, :, a0:a1]).zero_()
+    return F.grid_sample(frame[:n], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def _aligned_frame_side(h: int, w: int, windows: np.ndarray, radius: int) -> int:
+    """The side of the frame of :func:`_aligned_blocks`: the dyadic side of the images' frame,
+    larger if a window and its margins do not fit (very wide PSFs)."""
+    extent = int(max((windows[:, 1] - windows[:, 0]).max(), (windows[:, 3] - windows[:, 2]).max()))
+    return _dyadic_frame(max(h, w, extent + 2 * radius))
 
 
 def _cut_runs(kernels: Tensor, scale: Tensor | None, radius: int, radii: Sequence[int], sizes: Sequence[int],
@@ -1464,12 +1611,14 @@ class AugmentationPipeline:
         h, w = size
         out_h, out_w, top0, left0 = _crop_geometry(h, w, self.crop_size)
         radius = plan.radius
+        image_windows = None                              # with blocks aligned on their windows
         if copies > 1:                                    # one block: the copies of the batch
             blocks = [(slice(0, b), radius)]
         elif radius > 0:
             blocks = self.psf.blocks(psf, device, radius)
             if plan.affine is not None and not isinstance(blocks[0][0], slice):
-                blocks = _by_window(blocks, plan.affine, (h, w), (out_h, out_w))
+                image_windows = _image_windows(plan.affine, h, w, out_h, out_w)
+                blocks = _by_size(blocks, image_windows)
         else:                                             # no PSF, or none that moves any flux
             blocks = [(blk, 0) for blk in _blocks(b, device, _CPU_GEOMETRY_CHUNK)]
         dy, dx = (None, None) if plan.affine is not None else _split_shifts(shifts, b, device)
@@ -1486,13 +1635,23 @@ class AugmentationPipeline:
             tables = tuple(None if t is None else t.index_select(0, order) for t in tables)
         sizes = [_block_len(blk, b) for blk, _ in blocks]
         # On the CPU, each block blurs only the window its resampling reads (the rest of the
-        # frame's inside keeps older values that no sample reaches), and the taps of each run of
-        # blocks with the same half-width are cut in one go.
+        # frame keeps older values that no sample reaches): with rotation and sorted blocks, the
+        # images aligned on their own windows (see _aligned_blocks); else the union of the
+        # block's windows where they lie. The taps of each run of blocks with the same
+        # half-width are cut in one go.
         windows = taps = [None] * len(blocks)
+        aligned = None
         if device.type == "cpu" and radius > 0:
-            windows = _read_windows(tables[1], *tables[3:], sizes, h, w, out_h, out_w, top0, left0)
-            taps = _cut_runs(tables[0], tables[2], radius, [r for _, r in blocks], sizes, dtype)
-        return _Work(blocks, sizes, tables, windows, taps, None if fold else plan.factor)
+            radii = [r for _, r in blocks]
+            if image_windows is not None:
+                affine, aligned = _aligned_blocks(tables[1], image_windows[order.numpy()], radii, sizes,
+                                                  (b, N_BANDS, h, w), order, radius)
+                tables = (tables[0], affine, *tables[2:])
+                windows = [blk.window for blk in aligned]
+            else:
+                windows = _read_windows(tables[1], *tables[3:], sizes, h, w, out_h, out_w, top0, left0)
+            taps = _cut_runs(tables[0], tables[2], radius, radii, sizes, dtype)
+        return _Work(blocks, sizes, tables, windows, taps, None if fold else plan.factor, aligned)
 
     def _run(self, x: Tensor, plan: _ViewPlan, seeds: Sequence[int], psf: PSFParams | None,
              shifts: Tensor | None, copies: int = 1, noise_generator: torch.Generator | None = None,
@@ -1541,15 +1700,23 @@ class AugmentationPipeline:
         if copies > 1 and (radius > 0 or plan.affine is None):
             x = x.repeat(copies, 1, 1, 1)                                          # (B, 5, H, W)
         frame, grid, crops = None, None, None
-        if plan.affine is not None:
+        if work.aligned is not None:                      # a frame for images aligned on windows
+            side = work.aligned[0].side
+            frame = _scratch("aligned", (max(work.sizes), c, side, side), x)
+            grid = _sampling_grid(tables[1], out_h, out_w, x.dtype)                # (B, S, S, 2)
+            x = x.contiguous()
+        elif plan.affine is not None:
             frame = _Frame(min(b, max(work.sizes)), h, w, device, x.dtype, buffer=frame_buffer)
             grid = _sampling_grid(tables[1], out_h, out_w, x.dtype)                # (B, S, S, 2)
         start = 0
-        for (blk, r), n, window, block_taps in zip(blocks, work.sizes, work.windows, work.taps):
+        for k, ((blk, r), n, window, block_taps) in enumerate(zip(blocks, work.sizes, work.windows, work.taps)):
             rows = blk if isinstance(blk, slice) else slice(start, start + n)
             start += n
             kernels, _, scale, dy_rows, dx_rows = (None if t is None else t[rows] for t in tables)
-            if frame is not None:                         # sky image into the frame, blurred or not
+            if work.aligned is not None:
+                crop = _blur_aligned(x, work.aligned[k], frame, n, kernels, radius, r, scale, block_taps,
+                                     grid[rows])
+            elif frame is not None:                       # sky image into the frame, blurred or not
                 if radius > 0:
                     self.psf._blur_block(_take(x, blk, "block"), kernels, radius, r, out=frame.inside(n),
                                          scale=scale, window=window, taps=block_taps)
@@ -1593,6 +1760,7 @@ class _Work(NamedTuple):
     windows: list
     taps: list
     factor: Tensor | None
+    aligned: list | None = None
 
 
 def _finish(out: Tensor, crop: Tensor, factor: Tensor | None, gamma: Tensor | None) -> None:

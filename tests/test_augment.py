@@ -33,7 +33,7 @@ from sdsscl.augment import (
     rotate_crop,
 )
 import sdsscl.augment as augment_module
-from sdsscl.augment import _blur_conv, _blur_taps, _by_window, _read_windows, _take
+from sdsscl.augment import _blur_conv, _blur_taps, _by_size, _image_windows, _read_windows, _take
 from sdsscl.constants import (
     CROP_SIZE,
     CUTOUT_SIZE,
@@ -619,50 +619,90 @@ def test_psf_blocks_are_sorted_by_width_and_cover_every_image_once():
     torch.testing.assert_close(psf.apply(x, p), whole, rtol=1e-6, atol=1e-6)
 
 
-def test_window_regrouping_keeps_each_psf_block_size_and_half_width():
-    # Blocks of the same half-width hold interchangeable images: regrouped by the first row their
-    # resampling reads, every image stays in a block of its half-width, blocks keep their sizes,
-    # and within each run of equal half-widths those rows grow block by block.
+def test_size_regrouping_keeps_each_psf_block_size_and_half_width():
+    # Blocks of the same half-width hold interchangeable images: regrouped by the size of the
+    # window their resampling reads, every image stays in a block of its half-width, blocks keep
+    # their sizes, and within each run of equal half-widths the sizes grow block by block.
     pipe = AugmentationPipeline(AUGMENTATIONS, mad=MAD)
     p = pipe.sample(100, gen(45))
     blocks = pipe.psf.blocks(p.psf, torch.device("cpu"), p.plan.radius)
-    size, crop = (CUTOUT_SIZE, CUTOUT_SIZE), (CROP_SIZE, CROP_SIZE)
-    regrouped = _by_window(blocks, p.plan.affine, size, crop)
+    windows = _image_windows(p.plan.affine, CUTOUT_SIZE, CUTOUT_SIZE, CROP_SIZE, CROP_SIZE)
+    regrouped = _by_size(blocks, windows)
     assert [(blk.numel(), r) for blk, r in regrouped] == [(blk.numel(), r) for blk, r in blocks]
     half_width = {int(i): r for blk, r in blocks for i in blk}
     assert all(half_width[int(i)] == r for blk, r in regrouped for i in blk)
-    top = torch.tensor([w[0] for w in _read_windows(p.plan.affine, None, None, [1] * 100, *size, *crop, 0, 0)])
+    extent = torch.from_numpy(windows[:, 1] - windows[:, 0] + windows[:, 3] - windows[:, 2])
     for (a, ra), (b, rb) in zip(regrouped, regrouped[1:]):
         if ra == rb:
-            assert top[a].max() <= top[b].min()
+            assert extent[a].max() <= extent[b].min()
     assert len({r for _, r in blocks}) < len(blocks)          # some runs to regroup
+    # The windows hold every pixel the resampling reads (its corners' bilinear neighbours).
+    a = p.plan.affine.numpy()
+    for axis, lo, hi in ((1, 0, 1), (0, 2, 3)):
+        for j, i in ((0, 0), (0, CROP_SIZE - 1), (CROP_SIZE - 1, 0), (CROP_SIZE - 1, CROP_SIZE - 1)):
+            pos = (a[:, axis, 0] * j + a[:, axis, 1] * i + a[:, axis, 2] + 1) * 64 - 11   # image pixels
+            assert (windows[:, lo] <= np.floor(pos)).all() and (np.floor(pos) + 1 < windows[:, hi]).all()
 
 
-@pytest.mark.parametrize("names", [AUGMENTATIONS, ("reddening", "psf", "jitter_crop", "noise")])
-def test_psf_blocks_blur_only_what_their_resampling_reads(names, monkeypatch):
-    # On the CPU each PSF block blurs only the window its rotation and crop read, and blocks of a
-    # run are regrouped by the rows they read. Neither may change a value: the views equal those of
-    # whole-image blurs in the original blocks, bit for bit, even with the frame's stale pixels
-    # (and an unblurred source's unwritten ones) poisoned with NaN, which any read would spread.
+def test_psf_blocks_without_rotation_blur_only_what_their_crop_reads(monkeypatch):
+    # On the CPU each PSF block blurs only the window its crop reads. That may not change a value:
+    # the views equal those of whole-image blurs, bit for bit, even with an unblurred source's
+    # unwritten pixels poisoned with NaN, which any read would spread.
     x = random_batch(40)
-    pipe = AugmentationPipeline(names, mad=MAD)
+    pipe = AugmentationPipeline(("reddening", "psf", "jitter_crop", "noise"), mad=MAD)
     p = pipe.sample(40, gen(46))
     calls = []
     real = augment_module._read_windows
     monkeypatch.setattr(augment_module, "_read_windows", lambda *a: calls.append(real(*a)) or calls[-1])
     pipe.apply(x, p)
-    windows = calls[-1]                                      # the blocks' (the first may be per image)
+    windows = calls[-1]
     assert len(windows) == 3 and min((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in windows) < CUTOUT_SIZE**2
-    if "rotate" in names:                                    # the frame this call used
-        frame = augment_module._SCRATCH.frame[1]
-        frame[:, :, 11:-11, 11:-11] = float("nan")             # the inside, left stale between blocks
     new_empty = torch.Tensor.new_empty
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: new_empty(t, *a, **k).fill_(float("nan")))
     out = pipe.apply(x, p)
     monkeypatch.undo()
     monkeypatch.setattr(augment_module, "_read_windows", lambda *a: [(0, CUTOUT_SIZE, 0, CUTOUT_SIZE)] * len(a[3]))
-    monkeypatch.setattr(augment_module, "_by_window", lambda blocks, *a: blocks)
     assert not out.isnan().any() and torch.equal(out, pipe.apply(x, p))
+
+
+@pytest.mark.parametrize("sigma_r_arcsec", [0.13, 1.0])
+def test_psf_blocks_aligned_on_their_windows_equal_the_steps_at_the_image_edges(sigma_r_arcsec, monkeypatch):
+    # With rotation, each CPU block blurs its images aligned on the windows their resampling
+    # reads, gathered as runs of pixels from the flat batch: pixels of the next row or plane,
+    # and blurred light, that lie outside an image must be zeroed (the blur's zero padding and the
+    # zero frame of the steps). A jitter of 21 pixels at 45 degrees sends windows past every edge,
+    # the first and last images' past the batch's ends; a 1" PSF makes the border pixels count
+    # (and needs a larger frame). The views equal the steps applied one by one in float64, with
+    # the scratch memory poisoned with NaN, which any read of an unwritten pixel would spread.
+    b, jitter = 40, 21
+    x = torch.rand(b, 5, CUTOUT_SIZE, CUTOUT_SIZE, generator=gen(47)) + 0.5
+    pipe = AugmentationPipeline(("reddening", "psf", "rotate", "jitter_crop"), max_jitter=jitter,
+                                psf_sigma_r_arcsec=sigma_r_arcsec)
+    p = pipe.sample(b, gen(48))
+    angle = p.rotate.angle.clone()
+    shifts = p.jitter_crop.shifts.clone()
+    angle[0], angle[-1] = math.pi / 4, 5 * math.pi / 4
+    shifts[0], shifts[-1] = torch.tensor([-jitter, -jitter]), torch.tensor([jitter, jitter])
+    p.rotate, p.jitter_crop = RotationParams(angle), JitterParams(shifts)
+    xx, plan, _, psf, sh = pipe._job_for(x, p)
+    work = pipe._prepare(plan, psf, sh, b, (CUTOUT_SIZE, CUTOUT_SIZE), x.device, x.dtype)
+    assert work.aligned is not None and len(work.aligned) == 3
+    for part in ("fix", "zero_cols", "clear"):
+        assert any(getattr(blk, part) for blk in work.aligned), part
+    assert any(blk.zero_rows is not None for blk in work.aligned)
+    assert (work.aligned[0].side > 129) == (sigma_r_arcsec > 0.5)
+    pipe.apply(x, p)                                  # makes the scratch tensors, then poisoned
+    for name in ("aligned", "block", "blur"):
+        augment_module._SCRATCH.tensors[name].fill_(float("nan"))
+    new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: new_empty(t, *a, **k).fill_(float("nan")))
+    out = pipe.apply(x, p)
+    monkeypatch.undo()
+    steps = GalacticReddening().apply(x.double(), p.reddening)
+    steps = PSFBlur(sigma_r_arcsec=sigma_r_arcsec).apply(steps, p.psf)
+    steps = rotate_crop(steps, p.rotate.angle, p.jitter_crop.shifts)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), steps, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- GPU
