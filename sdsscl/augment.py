@@ -1647,7 +1647,6 @@ class AugmentationPipeline:
                 affine, aligned = _aligned_blocks(tables[1], image_windows[order.numpy()], radii, sizes,
                                                   (b, N_BANDS, h, w), order, radius)
                 tables = (tables[0], affine, *tables[2:])
-                windows = [blk.window for blk in aligned]
             else:
                 windows = _read_windows(tables[1], *tables[3:], sizes, h, w, out_h, out_w, top0, left0)
             taps = _cut_runs(tables[0], tables[2], radius, radii, sizes, dtype)
@@ -1752,7 +1751,8 @@ class _Work(NamedTuple):
     """What ``AugmentationPipeline._prepare`` makes for ``_run``: the blocks ``[(rows, r)]`` and
     their sizes; the plan's tables (kernels, affine, folded factor, dy, dx) in block order;
     per block the read window and the cut taps (CPU with the PSF; else None); the reddening
-    factor left for the finish (None where the blur took it)."""
+    factor left for the finish (None where the blur took it); with rotation on the CPU, per
+    block an :class:`_Aligned` instead of the window (and the affine table is for its frame)."""
 
     blocks: list
     sizes: list[int]

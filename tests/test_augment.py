@@ -638,9 +638,11 @@ def test_size_regrouping_keeps_each_psf_block_size_and_half_width():
     assert len({r for _, r in blocks}) < len(blocks)          # some runs to regroup
     # The windows hold every pixel the resampling reads (its corners' bilinear neighbours).
     a = p.plan.affine.numpy()
+    side = augment_module._dyadic_frame(CUTOUT_SIZE)                   # the frame of the sampling maps
+    half, pad = (side - 1) / 2, (side - CUTOUT_SIZE) // 2
     for axis, lo, hi in ((1, 0, 1), (0, 2, 3)):
         for j, i in ((0, 0), (0, CROP_SIZE - 1), (CROP_SIZE - 1, 0), (CROP_SIZE - 1, CROP_SIZE - 1)):
-            pos = (a[:, axis, 0] * j + a[:, axis, 1] * i + a[:, axis, 2] + 1) * 64 - 11   # image pixels
+            pos = (a[:, axis, 0] * j + a[:, axis, 1] * i + a[:, axis, 2] + 1) * half - pad   # image pixels
             assert (windows[:, lo] <= np.floor(pos)).all() and (np.floor(pos) + 1 < windows[:, hi]).all()
 
 
