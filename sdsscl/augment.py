@@ -615,6 +615,21 @@ def _dyadic_frame(size: int) -> int:
     return (1 << max(1, (size - 1 - 1).bit_length())) + 1
 
 
+def _frame_geometry(h: int, w: int) -> tuple[int, float, int, int]:
+    """The zero frame around ``h x w`` images that the sampling maps (see :func:`_affine`) address:
+    its side (see :func:`_dyadic_frame`), ``half = (side - 1) / 2`` (framed pixel ``p`` has the
+    normalised coordinate ``p / half - 1``), and the image's offsets ``pad_y``, ``pad_x`` in it."""
+    side = _dyadic_frame(max(h, w))
+    return side, (side - 1) / 2, (side - h) // 2, (side - w) // 2
+
+
+def _resample(frames: Tensor, grid: Tensor) -> Tensor:
+    """Bilinear samples of the first n ``frames`` (>= n, C, P, P) at their ``grid`` (n, Ho, Wo, 2)
+    (see :func:`_sampling_grid`), zero outside: one ``grid_sample`` call, (n, C, Ho, Wo)."""
+    return F.grid_sample(frames[:grid.shape[0]], grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=True)
+
+
 def _scratch(name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """A scratch tensor of ``shape`` (the device of ``like``, its dtype unless ``dtype`` is
     given), kept per thread and reused by the next call that asks for ``name``: on the CPU, a
@@ -676,8 +691,7 @@ class _Frame:
     def __init__(self, n: int, h: int, w: int, device: torch.device, dtype: torch.dtype,
                  buffer: Tensor | None = None):
         self.h, self.w = h, w
-        self.side = _dyadic_frame(max(h, w))
-        self.pad_y, self.pad_x = (self.side - h) // 2, (self.side - w) // 2
+        self.side, _, self.pad_y, self.pad_x = _frame_geometry(h, w)
         if buffer is not None:                  # a zero frame owned by the caller (a CUDA graph)
             self.buffer = buffer
             return
@@ -698,8 +712,7 @@ class _Frame:
         """Rotate and crop the n framed images (placed in the first n slots) at their sampling
         ``grid`` (n, Ho', Wo, 2) (see :func:`_sampling_grid`): one ``grid_sample`` call,
         (n, 5, Ho', Wo)."""
-        return F.grid_sample(self.buffer[:grid.shape[0]], grid, mode="bilinear", padding_mode="zeros",
-                             align_corners=True)
+        return _resample(self.buffer, grid)
 
 
 def _sampling_grid(affine: Tensor, out_h: int, out_w: int, dtype: torch.dtype, copies: int = 1) -> Tensor:
@@ -753,8 +766,7 @@ def _affine(angle, dy, dx, h: int, w: int, out_h: int, out_w: int, top0: int, le
     xp = torch if isinstance(angle, Tensor) else np
     if xp is np:
         angle, dy, dx = (np.asarray(v, dtype=np.float64) for v in (angle, dy, dx))
-    side = _dyadic_frame(max(h, w))
-    pad_y, pad_x, half = (side - h) // 2, (side - w) // 2, (side - 1) / 2
+    _, half, pad_y, pad_x = _frame_geometry(h, w)
     cy, cx = (h - 1) / 2, (w - 1) / 2
     cos, sin = xp.cos(angle), xp.sin(angle)                                        # (B,)
     # Multiples of pi/2 (to float32 rounding of the angle, |error| < 1e-6 rad, under 1e-4 px at
@@ -777,11 +789,9 @@ def _image_windows(affine: Tensor, h: int, w: int, out_h: int, out_w: int) -> np
     (B, 2, 3) (see :func:`_affine`): the bounding box of the output's corners, the bilinear
     neighbours included, widened by one pixel for the float32 rounding of the grid."""
     a = _numpy(affine).astype(np.float64)                                            # (B, 2, 3)
-    side = _dyadic_frame(max(h, w))
-    half = (side - 1) / 2
+    _, half, pad_y, pad_x = _frame_geometry(h, w)
     bounds = []
-    for axis, size in ((1, h), (0, w)):                                            # y, then x
-        pad = (side - size) // 2
+    for axis, pad in ((1, pad_y), (0, pad_x)):                                     # y, then x
         span_j, span_i = a[:, axis, 0] * (out_w - 1), a[:, axis, 1] * (out_h - 1)
         lo = a[:, axis, 2] + np.minimum(span_j, 0) + np.minimum(span_i, 0)         # normalised
         hi = a[:, axis, 2] + np.maximum(span_j, 0) + np.maximum(span_i, 0)
@@ -865,8 +875,8 @@ def _aligned_blocks(affine: Tensor, windows: np.ndarray, radii: Sequence[int], s
     half-width. Returns the sampling maps for the frame of those placements (see
     :func:`_aligned_frame_side`) and, per block, an :class:`_Aligned`.
 
-    Each source row is a run of ``cols`` pixels read from the flat batch, so a row that runs past
-    its image's edge holds pixels of the next row or plane; those and the rows outside the image
+    Each source plane is a (rows, cols) window of the flat batch, so a row that runs past its
+    image's edge holds pixels of the next row or plane; those and the rows outside the image
     are zeroed (the blur's zero padding), and blurred pixels outside the image, which the zero
     frame would give, are zeroed after the blur. Blurred pixels outside an image's window stay
     unread.
@@ -875,10 +885,10 @@ def _aligned_blocks(affine: Tensor, windows: np.ndarray, radii: Sequence[int], s
     y0, y1, x0, x1 = windows.T
     side = _aligned_frame_side(h, w, windows, radius)
     # Image pixel (y, x) of image i lies at frame pixel (radius - y0_i + y, radius - x0_i + x).
-    old_side = _dyadic_frame(max(h, w))
-    old_half, half = (old_side - 1) / 2, (side - 1) / 2
+    _, old_half, pad_y, pad_x = _frame_geometry(h, w)
+    half = (side - 1) / 2
     a = _numpy(affine).astype(np.float64).copy()
-    for axis, (pad, start) in enumerate((((old_side - w) // 2, x0), ((old_side - h) // 2, y0))):
+    for axis, (pad, start) in enumerate(((pad_x, x0), (pad_y, y0))):
         a[:, axis, 2] = ((a[:, axis, 2] + 1) * old_half - pad + radius - start) / half - 1
         a[:, axis, :2] *= old_half / half
     # Per image, in the source coordinates of its block (row k is image row sy + k): its corner,
@@ -937,9 +947,9 @@ def _aligned_blocks(affine: Tensor, windows: np.ndarray, radii: Sequence[int], s
 def _blur_aligned(x: Tensor, block: _Aligned, frame: Tensor, n: int, kernels: Tensor, radius: int, r: int,
                   scale: Tensor | None, taps: tuple[Tensor, Tensor], grid: Tensor) -> Tensor:
     """One block of :func:`_aligned_blocks`: gather its sources (one window of the flat batch per
-    plane) from the contiguous batch ``x``, zero what lies outside the images, blur into the frame (the per-thread scratch
-    ``frame`` (>= n, 5, side, side)), zero the blurred pixels outside the images, and resample
-    at ``grid`` (n, S, S, 2): (n, 5, S, S)."""
+    plane) from the contiguous batch ``x``, zero what lies outside the images, blur into
+    ``frame`` (the per-thread scratch (>= n, 5, side, side)), zero the blurred pixels outside the
+    images, and resample at ``grid`` (n, S, S, 2): (n, 5, S, S)."""
     c, w = x.shape[1], x.shape[-1]
     rows, cols = block.rows, block.cols
     flat = x.view(-1)
@@ -960,7 +970,7 @@ def _blur_aligned(x: Tensor, block: _Aligned, frame: Tensor, n: int, kernels: Te
     PSFBlur._blur_block(src, kernels, radius, r, out=out, scale=scale, window=block.window, taps=taps)
     for i, axis, a0, a1 in block.clear:
         (out[i, :, a0:a1] if axis == 0 else out[i, :, :, a0:a1]).zero_()
-    return F.grid_sample(frame[:n], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return _resample(frame, grid)
 
 
 def _aligned_frame_side(h: int, w: int, windows: np.ndarray, radius: int) -> int:
@@ -1995,7 +2005,7 @@ class TwoViews:
         own = torch.Generator(device=x.device)
         frame = None
         if self.pipeline.rotate is not None:        # the input is the inside of a zero frame it owns
-            side = _dyadic_frame(max(h, w))
+            side = _frame_geometry(h, w)[0]
             frame = torch.zeros(n, c, side, side, device=x.device, dtype=x.dtype)
             static_x = _Frame(n, h, w, x.device, x.dtype, buffer=frame).inside(n)
             static_x.copy_(x)

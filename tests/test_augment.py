@@ -638,8 +638,7 @@ def test_size_regrouping_keeps_each_psf_block_size_and_half_width():
     assert len({r for _, r in blocks}) < len(blocks)          # some runs to regroup
     # The windows hold every pixel the resampling reads (its corners' bilinear neighbours).
     a = p.plan.affine.numpy()
-    side = augment_module._dyadic_frame(CUTOUT_SIZE)                   # the frame of the sampling maps
-    half, pad = (side - 1) / 2, (side - CUTOUT_SIZE) // 2
+    _, half, pad, _ = augment_module._frame_geometry(CUTOUT_SIZE, CUTOUT_SIZE)   # the maps' frame
     for axis, lo, hi in ((1, 0, 1), (0, 2, 3)):
         for j, i in ((0, 0), (0, CROP_SIZE - 1), (CROP_SIZE - 1, 0), (CROP_SIZE - 1, CROP_SIZE - 1)):
             pos = (a[:, axis, 0] * j + a[:, axis, 1] * i + a[:, axis, 2] + 1) * half - pad   # image pixels
@@ -692,7 +691,7 @@ def test_psf_blocks_aligned_on_their_windows_equal_the_steps_at_the_image_edges(
     for part in ("fix", "zero_cols", "clear"):
         assert any(getattr(blk, part) for blk in work.aligned), part
     assert any(blk.zero_rows is not None for blk in work.aligned)
-    assert (work.aligned[0].side > 129) == (sigma_r_arcsec > 0.5)
+    assert (work.aligned[0].side > augment_module._dyadic_frame(CUTOUT_SIZE)) == (sigma_r_arcsec > 0.5)
     pipe.apply(x, p)                                  # makes the scratch tensors, then poisoned
     for name in ("aligned", "block", "blur"):
         augment_module._SCRATCH.tensors[name].fill_(float("nan"))
