@@ -19,9 +19,11 @@ one synchronisation per round). Each round follows one pass of the reference, an
 the median over rounds of each round's views/s over its own reference pass's: pairs measured
 within about a second of each other, so that a change in the machine's load between the two
 halves of a run does not enter the ratio. Timings on a shared machine vary with its load, which
-the script prints: torch's multi-threaded CPU kernels stall whenever another process holds a
+the script prints: on the CPU the pipeline's threads (one per torch thread, each running the
+compiled kernel on a slice of the batch) wait for each other whenever another process holds a
 core, so compare ``--threads 1`` (one core each) there, and read the best round as the
-uncontended speed.
+uncontended speed. The warm-up calls include compiling that kernel (or loading it from numba's
+cache), which the timed rounds do not.
 ``--profile`` splits a call into drawing the parameters (host) and applying them, and lists the
 costliest torch operations.
 """

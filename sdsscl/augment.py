@@ -24,8 +24,7 @@ fused into one bilinear resampling (one ``grid_sample`` call); without ``jitter_
 plain centre crop is used (fused with the rotation when there is one), so the output is
 always ``64 x 64``. Reddening is a per-(image, band) factor, which commutes exactly with the
 linear per-band operations that follow it, so the pipeline applies it as a scale in the same
-pass as the noise, on the small crop (with the PSF on the CPU, folded into the blur's kernels
-instead); the result is the same to float rounding.
+pass as the noise, on the small crop; the result is the same to float rounding.
 
 Conventions:
 
@@ -52,21 +51,19 @@ same seed (different generators), with the same per-band standard deviations. On
 field is drawn in groups of 32 images with their own seeded generators, in parallel threads
 (:class:`TwoViews` draws both views' fields in one such pass).
 
-Speed: the pipeline works a few images at a time on the CPU (cache-sized blocks, PSF blocks
-sorted by width so that most need short kernels; each blurs only the pixels its resampling
-reads: with rotation, the images of a block are aligned on their own read windows, sorted by
-size, and each window is gathered from the flat batch in one parallel copy; reused scratch
-frames, no whole-batch temporaries) and on the whole
-batch in a handful of kernels on a GPU. All of a view's randomness is one draw of uniform numbers
-(``Augmentation.from_uniform``); what ``apply`` derives from the parameters (the sampling maps,
-band factors and PSF kernels: the *plan*) is computed with numpy on the CPU when they are drawn,
-and everything reaches the GPU in one pinned copy, with no host synchronisation.
-:class:`TwoViews` draws both MoCo views as one batch and, on a GPU, applies them in one pass;
-its call there makes no per-view parameter objects and moves only the plan. Given a generator on
-the GPU instead, it draws there with the same distributions, and replays small batches as CUDA
-graphs: no host work per call but the launch, for small batches. On a CPU shared with other busy
-processes, torch's multi-threaded kernels stall at every parallel region; there
-``torch.set_num_threads(1)`` (as in DataLoader workers) is faster.
+Speed: on the CPU, the pipeline is one compiled kernel (numba, :mod:`sdsscl._cpu_views`) that
+takes each image through the blur, the resampling, the reddening and the noise while its pixels
+stay in cache, blurring only the window its resampling reads, with the PSF kernels cut to each
+image's own width (the half-normal draws are mostly narrow); slices of the batch run in parallel
+threads, each drawing its noise first. A process compiles the kernel on first use (a few seconds,
+then cached on disk). On a GPU it is the whole batch in a handful of torch kernels. All of a
+view's randomness is one draw of uniform numbers (``Augmentation.from_uniform``); what ``apply``
+derives from the parameters (the sampling maps, band factors and PSF kernels: the *plan*) is
+computed with numpy on the CPU when they are drawn, and everything reaches the GPU in one pinned
+copy, with no host synchronisation. :class:`TwoViews` draws both MoCo views as one batch and
+applies them in one pass; its call on a GPU makes no per-view parameter objects and moves only
+the plan. Given a generator on the GPU instead, it draws there with the same distributions, and
+replays small batches as CUDA graphs: no host work per call but the launch, for small batches.
 
 No GPU is touched at import; devices come from the inputs.
 """
@@ -79,8 +76,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from itertools import groupby
-from operator import itemgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -130,14 +125,12 @@ AUGMENTATIONS: tuple[str, ...] = ("reddening", "psf", "rotate", "jitter_crop", "
 #: The paper's best set (Section 2 and Appendix D): all augmentations but the PSF.
 BEST_AUGMENTATIONS: tuple[str, ...] = ("reddening", "rotate", "jitter_crop", "noise")
 
-# Images processed together on the CPU (keeps the working set in cache and avoids fresh
-# page-faulting allocations of whole-batch temporaries); other devices take the whole batch.
-_CPU_BLUR_CHUNK = 16
+# Images rotated together by rotate_crop on the CPU (keeps the working set in cache and avoids
+# fresh page-faulting allocations of whole-batch temporaries); other devices take the whole batch.
 _CPU_GEOMETRY_CHUNK = 32
-# Images per independently seeded CPU noise stream (drawn in parallel threads).
+# Images per independently seeded CPU noise stream; also the views per task of the compiled CPU
+# kernel (a group's noise, then its views, in parallel threads).
 _NOISE_GROUP = 32
-# torch's CPU grain (at::internal::GRAIN_SIZE): elementwise work below it runs in one thread.
-_GRAIN = 32768
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None
 _SCRATCH = threading.local()
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -386,55 +379,6 @@ def discrete_gaussian_radius(sigma: Tensor, tail: float) -> Tensor:
     return ((1.0 - inside) > tail).sum(dim=-1)                                 # (N,)
 
 
-def _blur_taps(x: Tensor, k: Tensor, out: Tensor | None = None, k_first: Tensor | None = None,
-               window: tuple[int, int, int, int] | None = None) -> Tensor:
-    """Separable blur of planes ``x`` (G, H, W) with per-plane symmetric kernels ``k`` (G, 2r+1),
-    zero outside the image: 2r + 1 multiply-adds per axis on shifted views, no padding copies
-    (the CPU path). ``out``: optional (G, H, W) destination (may be a strided view). ``k_first``:
-    the kernels of the first (y) axis if they differ from ``k`` (e.g. scaled by a factor).
-
-    ``window = (y0, y1, x0, x1)``: only ``out[:, y0:y1, x0:x1]`` is computed (the rest of ``out``
-    is left as it was), with the same operations in the same order per pixel, so its values are
-    bit for bit those of the whole blur. The first pass then covers rows y0:y1 only (whole rows,
-    which keeps its operations one flat loop per plane).
-    """
-    g, h, w = x.shape
-    r = (k.shape[1] - 1) // 2
-    y0, y1, x0, x1 = (0, h, 0, w) if window is None else window
-    if out is None:
-        out = x.new_empty(g, h, w)
-    k_first = k if k_first is None else k_first
-    if r == 0:
-        torch.mul(x[:, y0:y1, x0:x1], (k_first[:, r] * k[:, r])[:, None, None], out=out[:, y0:y1, x0:x1])
-        return out
-    # The first pass is computed divided by its centre tap (which the second pass's kernels take
-    # instead), so that it starts with the centre and one neighbour in one operation.
-    centre = k_first[:, r:r + 1]                                 # (G, 1)
-    ky = (k_first / centre)[:, :, None, None].unbind(1)          # 2r+1 of (G, 1, 1); ky[r] = 1
-    kx = (k * centre)[:, :, None, None].unbind(1)
-    along_y = _scratch("blur", (g, h, w), x)                     # (G, H, W), rows y0:y1 used
-    if y0 == 0:                                                  # row 0 has no neighbour above
-        along_y[:, 0].copy_(x[:, 0])
-    lo = max(y0, 1)
-    if lo < y1:
-        torch.addcmul(x[:, lo:y1], x[:, lo - 1:y1 - 1], ky[r - 1], out=along_y[:, lo:y1])
-    for d in range(1, min(r, h - 1) + 1):                        # rows i - d and i + d
-        lo, hi = max(y0, d), min(y1, h - d)
-        if lo < y1 and d > 1:
-            along_y[:, lo:y1].addcmul_(x[:, lo - d:y1 - d], ky[r - d])
-        if y0 < hi:
-            along_y[:, y0:hi].addcmul_(x[:, y0 + d:hi + d], ky[r + d])
-    src, dst = along_y[:, y0:y1], out[:, y0:y1]                  # the window's rows
-    torch.mul(src[..., x0:x1], kx[r], out=dst[..., x0:x1])
-    for d in range(1, min(r, w - 1) + 1):                        # columns j - d and j + d
-        lo, hi = max(x0, d), min(x1, w - d)
-        if lo < x1:
-            dst[..., lo:x1].addcmul_(src[..., lo - d:x1 - d], kx[r - d])
-        if x0 < hi:
-            dst[..., x0:hi].addcmul_(src[..., x0 + d:hi + d], kx[r + d])
-    return out
-
-
 def _blur_conv(x: Tensor, k: Tensor) -> Tensor:
     """The same blur as two depthwise (grouped) convolutions: two launches on a GPU."""
     g, h, w = x.shape
@@ -455,6 +399,8 @@ class PSFBlur(Augmentation):
     so flux is conserved (except light blurred past the border, which is treated as empty,
     background-subtracted sky, i.e. zero padding) and a blurred point source has exactly the
     drawn variance. A sigma too small to move ``tail`` of the flux is exactly the identity.
+    On the CPU (the compiled kernel of :mod:`sdsscl._cpu_views`) each image's kernels are cut
+    further, to the half-width its own widest band needs (see :func:`_cut_kernels`).
 
     sigma_r_arcsec: scale of the half-normal r-band sigma, arcsec (Section 2: 0.13").
     wavelength_exponent: sigma ~ lambda**exponent (Section 2, after Xin et al. 2018: -0.3).
@@ -508,63 +454,6 @@ class PSFBlur(Augmentation):
         sigma = self.sigma_pixels(params.sigma_r)                                   # (B, 5) px
         return discrete_gaussian_kernels(sigma.reshape(-1), radius).reshape(n, N_BANDS, 2 * radius + 1), radius
 
-    def blocks(self, params: PSFParams, device: torch.device, radius: int) -> list[tuple[Tensor | slice, int]]:
-        """The images to blur together, each block with the half-width it needs: ``[(index, r)]``.
-
-        On other devices than the CPU, the whole batch at the batch half-width. On the CPU, blocks
-        of a few images (cache-sized) **sorted by PSF width**, so that most blocks need a short
-        kernel (the half-normal draws are mostly narrow; a block of random images would need the
-        half-width of its widest); ``index`` is then a long tensor of image indices.
-        """
-        n = params.sigma_r.shape[0]
-        if device.type != "cpu" or radius == 0 or n <= _CPU_BLUR_CHUNK:
-            return [(slice(0, n), radius)]
-        sigma_r = params.sigma_r.detach().cpu()
-        order = torch.argsort(sigma_r, stable=True)                                 # narrow first
-        index = [order[i:i + _CPU_BLUR_CHUNK] for i in range(0, n, _CPU_BLUR_CHUNK)]
-        last = torch.tensor([min(i + _CPU_BLUR_CHUNK, n) - 1 for i in range(0, n, _CPU_BLUR_CHUNK)])
-        widest = self.sigma_pixels(sigma_r[order[last]]).max(dim=1).values  # each block's widest (last)
-        block_radius = discrete_gaussian_radius(widest, self.tail).clamp_max(radius).tolist()
-        return list(zip(index, block_radius))
-
-    @staticmethod
-    def _cut(kernels: Tensor, radius: int, r: int, scale: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Kernels (n, 5, 2 radius + 1) cut to half-width r and renormalised, for the first axis
-        (with the per-(image, band) factors ``scale`` (n, 5, ...) folded in) and for the second,
-        each (n * 5, 2r + 1) in ``dtype``."""
-        n, c = kernels.shape[:2]
-        k = kernels[:, :, radius - r:radius + r + 1]
-        k = k / k.sum(dim=-1, keepdim=True)                                         # (n, 5, 2r+1)
-        cut = k.to(dtype).reshape(n * c, 2 * r + 1)
-        if scale is None:
-            return cut, cut
-        return (k * scale.reshape(n, c, 1).to(k.dtype)).to(dtype).reshape(n * c, 2 * r + 1), cut
-
-    @staticmethod
-    def _blur_block(x: Tensor, kernels: Tensor, radius: int, r: int, out: Tensor | None = None,
-                    scale: Tensor | None = None, window: tuple[int, int, int, int] | None = None,
-                    taps: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """Blur images ``x`` (n, 5, H, W) with their kernels (n, 5, 2 radius + 1) cut to half-width
-        r; ``out``: optional (n, 5, H, W) destination, e.g. the inside of a zero frame. ``scale``:
-        optional per-(image, band) factors (n, 5, ...) applied in the same pass (on the CPU,
-        folded into the first axis' kernel; the pipeline's reddening). On the CPU, ``window``:
-        the pixels ``(y0, y1, x0, x1)`` that are needed (the others are left as they were in
-        ``out``, see :func:`_blur_taps`), and ``taps``: ``_cut(kernels, radius, r, scale,
-        x.dtype)`` if already made; elsewhere everything is computed."""
-        n, c, h, w = x.shape
-        if out is None:
-            out = x.new_empty(n, c, h, w)
-        flat = out.view(n * c, h, w)               # (n, 5) merge in fresh tensors and frame insides
-        if x.device.type == "cpu":
-            k_first, k = taps if taps is not None else PSFBlur._cut(kernels, radius, r, scale, x.dtype)
-            _blur_taps(x.reshape(n * c, h, w), k, out=flat, k_first=k_first, window=window)
-        else:
-            _, k = PSFBlur._cut(kernels, radius, r, None, x.dtype)
-            flat.copy_(_blur_conv(x.reshape(n * c, h, w), k))
-            if scale is not None:
-                out.mul_(scale.reshape(n, c, 1, 1))
-        return out
-
     def apply(self, batch: Tensor, params: PSFParams) -> Tensor:
         _check_batch("PSFBlur", batch)
         _check_params_batch("PSFBlur", batch, params.sigma_r.shape[0])
@@ -572,13 +461,18 @@ class PSFBlur(Augmentation):
         kernels, radius = self.kernels(params)
         if radius == 0:                                       # no kernel moves `tail` of the flux
             return batch.clone()
-        kernels = kernels.to(x.device)
-        out = torch.empty_like(x)                                                   # (B, 5, H, W)
-        for blk, r in self.blocks(params, x.device, radius):
-            if isinstance(blk, slice):
-                self._blur_block(x[blk], kernels[blk], radius, r, out=out[blk])
-            else:
-                out.index_copy_(0, blk, self._blur_block(_take(x, blk, "block"), _take(kernels, blk), radius, r))
+        b, c, h, w = x.shape
+        if x.device.type == "cpu":                            # the compiled kernel, uncropped
+            taps, radii = _cut_kernels(kernels, self.tail, x.dtype)
+            pos = np.zeros((b, 2, 3))
+            pos[:, 0, 0] = pos[:, 1, 1] = 1.0
+            ones = np.ones((b, c), dtype=taps.dtype)
+            job = _CpuPlan(np.arange(b), pos, False, taps, radii, ones, np.zeros_like(ones), False)
+            out = torch.empty_like(x)
+            _cpu_pass(x, [(job, out, None)])
+        else:
+            k = kernels.to(x.device, x.dtype).reshape(b * c, -1)
+            out = _blur_conv(x.reshape(b * c, h, w), k).view(b, c, h, w)
         return out.to(batch.dtype)
 
 
@@ -644,37 +538,6 @@ def _scratch(name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype
     if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != like.device:
         buf = store[name] = torch.empty(n, dtype=dtype, device=like.device)
     return buf[:n].view(shape)
-
-
-def _take(t: Tensor, blk: slice | Tensor, scratch: str | None = None) -> Tensor:
-    """Rows ``blk`` of ``t``: a view for a slice, a contiguous gather (``index_select``, a row-wise
-    copy, much faster than advanced indexing on the CPU) for an index tensor, into the reused
-    scratch tensor ``scratch`` if named (valid until the next gather into it).
-
-    Images ``(B, C, H, W)`` of ``_GRAIN`` elements or more are gathered as their ``B * C``
-    planes: ``index_select`` copies smaller rows in one parallel loop, but runs one parallel
-    region per row for larger ones (a whole 5 x 107 x 107 image), and on a shared 2-core machine
-    those per-image regions made some processes' gathers ten times slower (measured: 1.2 ms
-    against 0.15 ms per 16-image block).
-    """
-    if isinstance(blk, slice):
-        return t[blk]
-    n = blk.numel()
-    out = None if scratch is None else _scratch(scratch, (n, *t.shape[1:]), t)
-    if t.dim() < 3 or not t.is_contiguous() or t[0].numel() < _GRAIN:
-        return t.index_select(0, blk) if out is None else torch.index_select(t, 0, blk, out=out)
-    c = t.shape[1]
-    planes = (blk.reshape(-1, 1) * c + torch.arange(c, device=blk.device)).reshape(-1)   # (n * C,)
-    flat = t.reshape(t.shape[0] * c, -1)
-    if out is None:
-        return flat.index_select(0, planes).view(n, *t.shape[1:])
-    torch.index_select(flat, 0, planes, out=out.view(n * c, -1))
-    return out
-
-
-def _block_len(blk: slice | Tensor, n: int) -> int:
-    """Number of images in a block given as a slice of an n-image batch or as an index tensor."""
-    return len(range(*blk.indices(n))) if isinstance(blk, slice) else int(blk.numel())
 
 
 def _blocks(n: int, device: torch.device, size: int) -> list[slice]:
@@ -781,218 +644,6 @@ def _affine(angle, dy, dx, h: int, w: int, out_h: int, out_w: int, top0: int, le
     y0 = (cy + pad_y + sin * u0 + cos * v0) / half - 1.0
     affine = xp.stack([cos / half, -sin / half, x0, sin / half, cos / half, y0], -1)
     return affine.reshape(-1, 2, 3)
-
-
-def _image_windows(affine: Tensor, h: int, w: int, out_h: int, out_w: int) -> np.ndarray:
-    """The pixels of its ``h x w`` image that each resampling reads, not clipped to the image:
-    (B, 4) int64 rows ``(y0, y1, x0, x1)`` (ends excluded) for the sampling maps ``affine``
-    (B, 2, 3) (see :func:`_affine`): the bounding box of the output's corners, the bilinear
-    neighbours included, widened by one pixel for the float32 rounding of the grid."""
-    a = _numpy(affine).astype(np.float64)                                            # (B, 2, 3)
-    _, half, pad_y, pad_x = _frame_geometry(h, w)
-    bounds = []
-    for axis, pad in ((1, pad_y), (0, pad_x)):                                     # y, then x
-        span_j, span_i = a[:, axis, 0] * (out_w - 1), a[:, axis, 1] * (out_h - 1)
-        lo = a[:, axis, 2] + np.minimum(span_j, 0) + np.minimum(span_i, 0)         # normalised
-        hi = a[:, axis, 2] + np.maximum(span_j, 0) + np.maximum(span_i, 0)
-        bounds += [np.floor((lo + 1) * half - pad) - 1, np.floor((hi + 1) * half - pad) + 3]
-    return np.stack(bounds, axis=1).astype(np.int64)
-
-
-def _read_windows(affine: Tensor | None, dy: Tensor | None, dx: Tensor | None, sizes: Sequence[int],
-                  h: int, w: int, out_h: int, out_w: int, top0: int, left0: int) -> list[tuple[int, int, int, int]]:
-    """The window ``(y0, y1, x0, x1)`` of the ``h x w`` images that each block's resampling reads:
-    blocks of ``sizes`` consecutive rows of the sampling maps ``affine`` (B, 2, 3) (see
-    :func:`_affine`), or without rotation, of the integer shifts ``dy``, ``dx`` (B,) of the crop.
-    With rotation, the union over the block of :func:`_image_windows`, clipped to the image.
-    """
-    if sum(sizes) == 0:
-        return [None] * len(sizes)
-    starts = np.cumsum([0, *sizes[:-1]])
-    if affine is not None:
-        win = _image_windows(affine, h, w, out_h, out_w)
-        bounds = [(win[:, 0], win[:, 1], h), (win[:, 2], win[:, 3], w)]
-    else:
-        dy, dx = _numpy(dy).astype(np.int64), _numpy(dx).astype(np.int64)
-        bounds = [(top0 + dy, top0 + dy + out_h, h), (left0 + dx, left0 + dx + out_w, w)]
-    limits = []
-    for lo, hi, size in bounds:
-        lo = np.minimum.reduceat(np.clip(lo, 0, size), starts)
-        hi = np.maximum.reduceat(np.clip(hi, 0, size), starts)
-        limits.append((lo.astype(int).tolist(), np.maximum(hi, lo).astype(int).tolist()))
-    (y0, y1), (x0, x1) = limits
-    return list(zip(y0, y1, x0, x1))
-
-
-def _by_size(blocks: list[tuple[Tensor, int]], windows: np.ndarray) -> list[tuple[Tensor, int]]:
-    """PSF blocks regrouped so that each holds images with read windows of about one size (see
-    :func:`_aligned_blocks`, which blurs each block at the size of its largest): consecutive
-    blocks of the same half-width hold interchangeable images (each image's blur is the same in
-    any of them), so each such run is re-sorted by the height plus width of each image's window
-    ``windows`` (B, 4) (see :func:`_image_windows`) and cut into blocks of the same sizes."""
-    extent = torch.from_numpy(windows[:, 1] - windows[:, 0] + windows[:, 3] - windows[:, 2])
-    out = []
-    for r, run in groupby(blocks, key=itemgetter(1)):
-        run = [blk for blk, _ in run]
-        index = torch.cat(run)
-        index = index[torch.argsort(extent[index], stable=True)]
-        out.extend((part, r) for part in torch.split(index, [blk.numel() for blk in run]))
-    return out
-
-
-class _Aligned(NamedTuple):
-    """How ``AugmentationPipeline._run`` blurs one block of images aligned on their read windows
-    (see :func:`_aligned_blocks`): where its sources start in the batch, what to zero before and
-    after the blur, and where the blurred windows go in the frame. Images are counted by their
-    place in the block; source rows and columns k are image rows and columns ``corner + k``."""
-
-    offsets: Tensor              # (n * 5,) offsets in the flat batch of each source plane's first pixel
-    rows: int                    # source rows per plane: the block's largest window height + 2r
-    cols: int                    # source columns per row: the block's largest window width + 2r
-    window: tuple[int, int, int, int]   # the rows and columns blurred, in source coordinates
-    at: int                      # the frame row and column of source row and column 0
-    side: int                    # the frame's side (the sampling maps are made for it)
-    zero_rows: Tensor | None     # source rows outside their image, as rows of the (n * 5 * rows, cols) source
-    zero_cols: list              # (image, first, end): source columns outside the image
-    clear: list                  # (image, axis, first, end): blurred rows (axis 0) or columns
-                                 # (axis 1) of the window that lie outside the image
-    fix: list                    # (plane, image, band, k0, k1, c0, c1, y0, x0): sources that would
-                                 # start before the batch or end after it, copied instead
-
-
-def _aligned_blocks(affine: Tensor, windows: np.ndarray, radii: Sequence[int], sizes: Sequence[int],
-                    shape: tuple[int, int, int, int], index: Tensor, radius: int) -> tuple[Tensor, list[_Aligned]]:
-    """The CPU blur of rotated views, block by block, with every image of a block placed so that
-    the windows its resampling reads (``windows`` (B, 4), see :func:`_image_windows`) start at
-    the same frame pixel. A block then blurs a window of the size of its largest image's (the
-    blocks hold windows of about one size, see :func:`_by_size`) instead of the union of the
-    images' windows where they lie, which is larger: the windows move with each image's jitter
-    and rotation.
-
-    affine: the sampling maps (B, 2, 3) of the images in block order; windows, in block order;
-    radii and sizes: each block's half-width and number of images; shape: the batch's (B', C, H,
-    W) (B' >= B images, rows ``index`` (B,) of it in block order); radius: the batch's widest
-    half-width. Returns the sampling maps for the frame of those placements (see
-    :func:`_aligned_frame_side`) and, per block, an :class:`_Aligned`.
-
-    Each source plane is a (rows, cols) window of the flat batch, so a row that runs past its
-    image's edge holds pixels of the next row or plane; those and the rows outside the image
-    are zeroed (the blur's zero padding), and blurred pixels outside the image, which the zero
-    frame would give, are zeroed after the blur. Blurred pixels outside an image's window stay
-    unread.
-    """
-    nb, c, h, w = shape
-    y0, y1, x0, x1 = windows.T
-    side = _aligned_frame_side(h, w, windows, radius)
-    # Image pixel (y, x) of image i lies at frame pixel (radius - y0_i + y, radius - x0_i + x).
-    _, old_half, pad_y, pad_x = _frame_geometry(h, w)
-    half = (side - 1) / 2
-    a = _numpy(affine).astype(np.float64).copy()
-    for axis, (pad, start) in enumerate(((pad_x, x0), (pad_y, y0))):
-        a[:, axis, 2] = ((a[:, axis, 2] + 1) * old_half - pad + radius - start) / half - 1
-        a[:, axis, :2] *= old_half / half
-    # Per image, in the source coordinates of its block (row k is image row sy + k): its corner,
-    # the rows and columns its blur needs, and which of them lie outside the image.
-    nblk = len(sizes)
-    starts = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
-    blk = np.repeat(np.arange(nblk), sizes)                                       # each image's block
-    slot = np.arange(len(blk)) - starts[blk]                                       # its place there
-    r_blk = np.asarray(radii, dtype=np.int64)
-    hy, hx = np.maximum.reduceat(y1 - y0, starts), np.maximum.reduceat(x1 - x0, starts)
-    ry, cx = hy + 2 * r_blk, hx + 2 * r_blk                                        # per block
-    r_img, ry_img = r_blk[blk], ry[blk]
-    sy, sx = y0 - r_img, x0 - r_img
-    need_h, need_w = y1 - y0 + 2 * r_img, x1 - x0 + 2 * r_img
-    bands = np.arange(c)
-    idx = _numpy(index).astype(np.int64)
-    off = ((idx[:, None] * c + bands) * h + sy[:, None]) * w + sx[:, None]         # (B, C) first pixels
-    last = (nb * c * h * w - (ry - 1) * w - cx)[blk]   # the last offset a whole source fits after
-    fix = [[] for _ in range(nblk)]
-    for i, band in zip(*np.nonzero((off < 0) | (off > last[:, None]))):  # the batch's first/last planes
-        top, left, rows, cols = int(sy[i]), int(sx[i]), int(ry_img[i]), int(cx[blk[i]])
-        k0, k1, c0, c1 = max(0, -top), min(rows, h - top), max(0, -left), min(cols, w - left)
-        if k0 < k1 and c0 < c1:
-            fix[blk[i]].append((int(slot[i]) * c + int(band), int(idx[i]), int(band), k0, k1, c0, c1,
-                                top + k0, left + c0))
-    off = np.clip(off, 0, last[:, None])
-    # rows outside the image, as flat rows (slot, band, k) of the block's source
-    k = np.arange(int(ry.max()))[None, :]
-    i, k = np.nonzero(((sy[:, None] + k < 0) | (sy[:, None] + k >= h)) & (k < need_h[:, None]))
-    flat = ((slot[i, None] * c + bands) * ry_img[i, None] + k[:, None]).reshape(-1)
-    cut = np.searchsorted(i, starts).tolist() + [len(i)]
-    zero_rows = [torch.from_numpy(flat[cut[j] * c:cut[j + 1] * c]) if cut[j] < cut[j + 1] else None
-                 for j in range(nblk)]
-    zero_cols = [[] for _ in range(nblk)]
-    for i in np.flatnonzero(sx < 0):
-        zero_cols[blk[i]].append((int(slot[i]), 0, int(min(-sx[i], need_w[i]))))
-    for i in np.flatnonzero(w - sx < need_w):
-        zero_cols[blk[i]].append((int(slot[i]), int(max(w - sx[i], 0)), int(need_w[i])))
-    clear = [[] for _ in range(nblk)]                 # the window's blurred pixels outside the image
-    for i in np.flatnonzero((y0 < 0) | (y1 > h) | (x0 < 0) | (x1 > w)):
-        r = int(r_img[i])
-        for axis, lo, size, extent in ((0, sy[i], h, y1[i] - y0[i]), (1, sx[i], w, x1[i] - x0[i])):
-            for a0, a1 in ((r, -lo), (size - lo, r + extent)):
-                a0, a1 = int(max(a0, r)), int(min(a1, r + extent))
-                if a0 < a1:
-                    clear[blk[i]].append((int(slot[i]), axis, a0, a1))
-    blocks = []
-    for j, r in enumerate(radii):
-        rows = slice(starts[j], starts[j] + sizes[j])
-        blocks.append(_Aligned(torch.from_numpy(off[rows].reshape(-1)), int(ry[j]), int(cx[j]),
-                               (r, r + int(hy[j]), r, r + int(hx[j])), radius - r, side,
-                               zero_rows[j], zero_cols[j], clear[j], fix[j]))
-    return torch.from_numpy(a), blocks
-
-
-def _blur_aligned(x: Tensor, block: _Aligned, frame: Tensor, n: int, kernels: Tensor, radius: int, r: int,
-                  scale: Tensor | None, taps: tuple[Tensor, Tensor], grid: Tensor) -> Tensor:
-    """One block of :func:`_aligned_blocks`: gather its sources (one window of the flat batch per
-    plane) from the contiguous batch ``x``, zero what lies outside the images, blur into
-    ``frame`` (the per-thread scratch (>= n, 5, side, side)), zero the blurred pixels outside the
-    images, and resample at ``grid`` (n, S, S, 2): (n, 5, S, S)."""
-    c, w = x.shape[1], x.shape[-1]
-    rows, cols = block.rows, block.cols
-    flat = x.view(-1)
-    # every (rows, cols) window of the flat batch, by the offset of its first pixel
-    windows = flat.as_strided((flat.numel() - (rows - 1) * w - cols + 1, rows, cols), (1, w, 1))
-    src = _scratch("block", (n * c, rows, cols), x)
-    torch.index_select(windows, 0, block.offsets, out=src)
-    for p, i, band, k0, k1, c0, c1, y0, x0 in block.fix:
-        src[p].zero_()
-        src[p, k0:k1, c0:c1].copy_(x[i, band, y0:y0 + k1 - k0, x0:x0 + c1 - c0])
-    if block.zero_rows is not None:
-        src.view(n * c * rows, cols).index_fill_(0, block.zero_rows, 0.0)
-    src = src.view(n, c, rows, cols)
-    for i, c0, c1 in block.zero_cols:
-        src[i, :, :, c0:c1].zero_()
-    at = block.at
-    out = frame[:n, :, at:at + block.rows, at:at + block.cols]
-    PSFBlur._blur_block(src, kernels, radius, r, out=out, scale=scale, window=block.window, taps=taps)
-    for i, axis, a0, a1 in block.clear:
-        (out[i, :, a0:a1] if axis == 0 else out[i, :, :, a0:a1]).zero_()
-    return _resample(frame, grid)
-
-
-def _aligned_frame_side(h: int, w: int, windows: np.ndarray, radius: int) -> int:
-    """The side of the frame of :func:`_aligned_blocks`: the dyadic side of the images' frame,
-    larger if a window and its margins do not fit (very wide PSFs)."""
-    extent = int(max((windows[:, 1] - windows[:, 0]).max(), (windows[:, 3] - windows[:, 2]).max()))
-    return _dyadic_frame(max(h, w, extent + 2 * radius))
-
-
-def _cut_runs(kernels: Tensor, scale: Tensor | None, radius: int, radii: Sequence[int], sizes: Sequence[int],
-              dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
-    """``PSFBlur._cut`` per block, for blocks of ``sizes`` consecutive rows of ``kernels`` (and of
-    ``scale``) with half-widths ``radii``: made once per run of blocks with the same half-width
-    (they are sorted by width), then split into the blocks' planes."""
-    taps, start, c = [], 0, kernels.shape[1]
-    for r, run in groupby(zip(radii, sizes), key=itemgetter(0)):
-        run_sizes = [n * c for _, n in run]
-        rows = slice(start, start + sum(run_sizes) // c)
-        start = rows.stop
-        cut = PSFBlur._cut(kernels[rows], radius, r, None if scale is None else scale[rows], dtype)
-        taps.extend(zip(*(torch.split(t, run_sizes) for t in cut)))
-    return taps
 
 
 def _crop_geometry(h: int, w: int, crop_size: int | None) -> tuple[int, int, int, int]:
@@ -1149,8 +800,8 @@ class NoiseParams:
 
 
 def _cpu_pool() -> ThreadPoolExecutor | None:
-    """Threads for drawing CPU noise in parallel (one per torch thread), made per process (a
-    pool does not survive a fork into DataLoader workers); None with a single torch thread."""
+    """Threads for the CPU's noise and compiled kernel (one per torch thread), made per process
+    (a pool does not survive a fork into DataLoader workers); None with a single torch thread."""
     global _POOL
     n = torch.get_num_threads()
     if n < 2:
@@ -1189,27 +840,27 @@ def _noise_field(shape: tuple[int, ...], seed: int, device: torch.device, out: T
 
 
 def _cpu_noise_fields(fields: Sequence[tuple[int, Tensor]]) -> None:
-    """Draw each CPU field ``(seed, out)`` (``out`` contiguous float32) as :func:`_noise_field`
-    does, the groups of all the fields in one parallel pass.
-
-    One pass for both MoCo views matters on a 2-core machine: after each parallel torch
-    operation, the OpenMP worker keeps spinning on a core for a few milliseconds, and threads
-    drawing noise then share the cores with it; one pass per call instead of one per view pays
-    that once.
-    """
-    def fill(task: tuple[int, Tensor, int]) -> None:
-        seed, out, start = task
-        gen = torch.Generator()
-        gen.manual_seed((seed + start * 0x9E3779B97F4A7C15) % 2**63)
-        out[start:start + _NOISE_GROUP].normal_(generator=gen)
-
+    """Draw each CPU field ``(seed, out)`` (``out`` contiguous) as :func:`_noise_field` does, the
+    groups of all the fields in one parallel pass."""
     tasks = [(seed, out, start) for seed, out in fields for start in range(0, out.shape[0], _NOISE_GROUP)]
     pool = _cpu_pool() if len(tasks) > 1 else None
     if pool is None:
         for task in tasks:
-            fill(task)
+            _noise_group(*task)
     else:
-        list(pool.map(fill, tasks))
+        list(pool.map(lambda task: _noise_group(*task), tasks))
+
+
+def _noise_group(seed: int, out: Tensor, start: int) -> None:
+    """Images ``start : start + _NOISE_GROUP`` of the CPU field ``out`` of ``seed``, from their own
+    generator (seeded from ``seed`` and ``start``), drawn in float32 whatever ``out``'s dtype."""
+    gen = torch.Generator()
+    gen.manual_seed((seed + start * 0x9E3779B97F4A7C15) % 2**63)
+    part = out[start:start + _NOISE_GROUP]
+    if part.dtype == torch.float32:
+        part.normal_(generator=gen)
+    else:
+        part.copy_(torch.empty(part.shape).normal_(generator=gen))
 
 
 class GaussianNoise(Augmentation):
@@ -1430,6 +1081,69 @@ def _pack_to(tensors: list[Tensor], device: torch.device) -> list[Tensor]:
     return moved
 
 
+# ----------------------------------------------------------------------------- CPU kernel
+class _CpuPlan(NamedTuple):
+    """What the compiled CPU kernel (:func:`sdsscl._cpu_views.views`) takes per view: numpy
+    tables of B views."""
+
+    src: np.ndarray         # (B,) int64: the image of each view
+    pos: np.ndarray         # (B, 2, 3) float64: output pixel (j, i, 1) -> image (x, y); without
+                            # rotation only the crop's integer corner (x, y) = pos[:, :, 2] is used
+    rotated: bool
+    taps: np.ndarray        # (B, 5, 2R + 1) PSF kernels cut to each view's half-width (R = 0: none)
+    radii: np.ndarray       # (B,) int64: those half-widths
+    factor: np.ndarray      # (B, 5): reddening flux factors (ones without)
+    gamma: np.ndarray       # (B, 5): noise standard deviations (zeros without)
+    noise: bool             # the output holds a noise field to scale by gamma
+
+    def rows(self, rows: slice) -> _CpuPlan:
+        """The tables of views ``rows``."""
+        return self._replace(src=self.src[rows], pos=self.pos[rows], taps=self.taps[rows],
+                             radii=self.radii[rows], factor=self.factor[rows], gamma=self.gamma[rows])
+
+
+def _cut_kernels(kernels: Tensor, tail: float, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Kernels (B, 5, 2R + 1) cut per image to the half-width that leaves at most ``tail`` of its
+    widest band's kernel outside and renormalised (in float64): the taps in ``dtype`` and the
+    half-widths (B,). An image of the batch's widest PSF keeps R; the narrow ones, which the
+    half-normal draws mostly are, are blurred with fewer taps."""
+    k = _numpy(kernels).astype(np.float64)                                   # (B, 5, 2R + 1)
+    r = (k.shape[-1] - 1) // 2
+    inside = np.concatenate([k[..., r:r + 1], k[..., r:r + 1] + 2 * np.cumsum(k[..., r + 1:], axis=-1)], axis=-1)
+    radii = ((1.0 - inside) > tail).sum(axis=-1).max(axis=-1)                # (B,)
+    k = np.where(np.abs(np.arange(-r, r + 1)) <= radii[:, None, None], k, 0.0)
+    k /= k.sum(axis=-1, keepdims=True)
+    return k.astype(torch.empty(0, dtype=dtype).numpy().dtype), radii.astype(np.int64)
+
+
+def _cpu_pass(x: Tensor, jobs: Sequence[tuple[_CpuPlan, Tensor, int | None]]) -> None:
+    """Run the compiled CPU kernel for each job ``(plan, out, seed)``: the views of the images
+    ``x`` (N, 5, H, W) (float32 or float64) into ``out`` (B, 5, Ho, Wo) (contiguous, x's dtype).
+    With a seed, ``out`` first gets that seed's noise field (:func:`_noise_field`'s, group by
+    group). The work is split by noise group (_NOISE_GROUP views: the group's noise, then its
+    views, while both are in cache), all the jobs' groups in one pass over the threads of
+    :func:`_cpu_pool`. The kernel is compiled (numba) the first time a process uses it and
+    cached on disk."""
+    from . import _cpu_views
+
+    xn = _numpy(x.contiguous())
+
+    def run(task: tuple[_CpuPlan, Tensor, int | None, int]) -> None:
+        plan, out, seed, start = task
+        if seed is not None:
+            _noise_group(seed, out, start)
+        _cpu_views.views(xn, plan.src, plan.pos, plan.rotated, plan.taps, plan.radii, plan.factor,
+                         plan.gamma, plan.noise, out.numpy(), start, min(start + _NOISE_GROUP, out.shape[0]))
+
+    tasks = [(plan, out, seed, start) for plan, out, seed in jobs for start in range(0, out.shape[0], _NOISE_GROUP)]
+    pool = _cpu_pool() if len(tasks) > 1 else None
+    if pool is None:
+        for task in tasks:
+            run(task)
+    else:
+        list(pool.map(run, tasks))
+
+
 class AugmentationPipeline:
     """One view: the named augmentations, in the paper's order, always ending in a 64x64 crop.
 
@@ -1581,10 +1295,9 @@ class AugmentationPipeline:
     def apply(self, batch: Tensor, params: AugmentationParams) -> Tensor:
         """(B, 5, H, W) -> (B, 5, crop_size, crop_size).
 
-        Works block by block (a few images at a time on the CPU, the whole batch elsewhere):
-        blur into a zero frame, one resampling for rotation and crop, then
-        ``out = noise * gamma + crop * reddening`` in place in the noise field. The result equals
-        the steps applied one by one in the documented order, to float rounding.
+        Blur, one resampling for rotation and crop, then ``out = noise * gamma + crop *
+        reddening`` in place in the noise field (see ``_run``). The result equals the steps
+        applied one by one in the documented order, to float rounding.
         """
         self._check_apply(batch, params)
         if batch.shape[0] == 0:
@@ -1613,70 +1326,48 @@ class AugmentationPipeline:
         shifts = params.jitter_crop.shifts if self.jitter_crop is not None else None
         return x, plan, seeds, params.psf, shifts
 
-    def _prepare(self, plan: _ViewPlan, psf: PSFParams | None, shifts: Tensor | None, b: int,
-                 size: tuple[int, int], device: torch.device, dtype: torch.dtype, copies: int = 1) -> _Work:
-        """The host's part of ``_run`` for ``b`` images of ``size`` (``copies`` stacked copies of a
-        batch) in ``dtype`` on ``device``: the blocks and what each needs (small operations on
-        per-image tables, and numpy)."""
+    def _cpu_plan(self, plan: _ViewPlan, shifts: Tensor | None, n: int, copies: int,
+                  size: tuple[int, int], dtype: torch.dtype) -> _CpuPlan:
+        """The compiled CPU kernel's tables for ``copies`` stacked copies of n images of ``size``
+        in ``dtype`` (the plan and shifts are for all of them)."""
         h, w = size
-        out_h, out_w, top0, left0 = _crop_geometry(h, w, self.crop_size)
-        radius = plan.radius
-        image_windows = None                              # with blocks aligned on their windows
-        if copies > 1:                                    # one block: the copies of the batch
-            blocks = [(slice(0, b), radius)]
-        elif radius > 0:
-            blocks = self.psf.blocks(psf, device, radius)
-            if plan.affine is not None and not isinstance(blocks[0][0], slice):
-                image_windows = _image_windows(plan.affine, h, w, out_h, out_w)
-                blocks = _by_size(blocks, image_windows)
-        else:                                             # no PSF, or none that moves any flux
-            blocks = [(blk, 0) for blk in _blocks(b, device, _CPU_GEOMETRY_CHUNK)]
-        dy, dx = (None, None) if plan.affine is not None else _split_shifts(shifts, b, device)
-        # With the PSF on the CPU, the reddening factor rides along with the blur's first axis
-        # (folded into its kernels), which saves a pass over the crops: the same linear map,
-        # rounded in another order. (Without the PSF the views stay those of the GPU path, op
-        # for op.)
-        fold = device.type == "cpu" and plan.factor is not None and radius > 0
-        # The plan's per-image tables, taken by block rows: for blocks of sorted images, gathered
-        # once in block order, so that block k takes the next rows of each.
-        tables = (plan.kernels, plan.affine, plan.factor if fold else None, dy, dx)
-        if blocks and not isinstance(blocks[0][0], slice):
-            order = torch.cat([blk for blk, _ in blocks])
-            tables = tuple(None if t is None else t.index_select(0, order) for t in tables)
-        sizes = [_block_len(blk, b) for blk, _ in blocks]
-        # On the CPU, each block blurs only the window its resampling reads (the rest of the
-        # frame keeps older values that no sample reaches): with rotation and sorted blocks, the
-        # images aligned on their own windows (see _aligned_blocks); else the union of the
-        # block's windows where they lie. The taps of each run of blocks with the same
-        # half-width are cut in one go.
-        windows = taps = [None] * len(blocks)
-        aligned = None
-        if device.type == "cpu" and radius > 0:
-            radii = [r for _, r in blocks]
-            if image_windows is not None:
-                affine, aligned = _aligned_blocks(tables[1], image_windows[order.numpy()], radii, sizes,
-                                                  (b, N_BANDS, h, w), order, radius)
-                tables = (tables[0], affine, *tables[2:])
-            else:
-                windows = _read_windows(tables[1], *tables[3:], sizes, h, w, out_h, out_w, top0, left0)
-            taps = _cut_runs(tables[0], tables[2], radius, radii, sizes, dtype)
-        return _Work(blocks, sizes, tables, windows, taps, None if fold else plan.factor, aligned)
+        b = copies * n
+        _, _, top0, left0 = _crop_geometry(h, w, self.crop_size)
+        pos = np.zeros((b, 2, 3))
+        if plan.affine is not None:           # normalised frame coordinates -> image pixels
+            _, half, pad_y, pad_x = _frame_geometry(h, w)
+            pos[:] = _numpy(plan.affine) * half                           # exact: half = 2**k
+            pos[:, 0, 2] += half - pad_x
+            pos[:, 1, 2] += half - pad_y
+        else:
+            dy, dx = (_numpy(t).astype(np.int64) for t in _split_shifts(shifts, b, torch.device("cpu")))
+            pos[:, 0, 2], pos[:, 1, 2] = left0 + dx, top0 + dy
+        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        if plan.radius > 0:
+            taps, radii = _cut_kernels(plan.kernels, self.psf.tail, dtype)
+        else:
+            taps, radii = np.ones((b, N_BANDS, 1), dtype=np_dtype), np.zeros(b, dtype=np.int64)
+        factor = (np.ones((b, N_BANDS), dtype=np_dtype) if plan.factor is None
+                  else _numpy(plan.factor).reshape(b, N_BANDS).astype(np_dtype))
+        gamma = (np.zeros((b, N_BANDS), dtype=np_dtype) if plan.gamma is None
+                 else _numpy(plan.gamma).reshape(b, N_BANDS).astype(np_dtype))
+        return _CpuPlan(np.arange(b) % n, pos, plan.affine is not None, taps, radii, factor, gamma,
+                        plan.gamma is not None)
 
     def _run(self, x: Tensor, plan: _ViewPlan, seeds: Sequence[int], psf: PSFParams | None,
              shifts: Tensor | None, copies: int = 1, noise_generator: torch.Generator | None = None,
-             frame_buffer: Tensor | None = None, out: Tensor | None = None, work: _Work | None = None) -> Tensor:
-        """The views of ``copies`` stacked copies of ``x`` (n, 5, H, W) with a plan (and PSF
-        parameters and shifts) for ``copies * n`` images and one noise seed per copy:
-        (copies * n, 5, S, S) in x's dtype. ``copies > 1`` (both MoCo views in one pass) is for
-        devices other than the CPU. ``noise_generator``: a generator on x's device that draws
-        the whole noise field instead of the seeds (parameters drawn on the device);
-        ``frame_buffer``: a zero frame to use instead of the per-thread one (a CUDA graph owns
-        its own); ``out``: the destination, already holding the noise field (``seeds`` empty);
-        ``work``: what ``_prepare`` gives for this call, if made already.
+             frame_buffer: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+        """The views of ``copies`` stacked copies of ``x`` (n, 5, H, W) with a plan (and shifts)
+        for ``copies * n`` images and one noise seed per copy: (copies * n, 5, S, S) in x's
+        dtype. ``noise_generator``: a generator on x's device that draws the whole noise field
+        instead of the seeds (parameters drawn on the device); ``frame_buffer``: a zero frame
+        to use instead of the per-thread one (a CUDA graph owns its own); ``out``: the
+        destination, already holding the noise field (``seeds`` empty).
 
-        Works block by block (a few images at a time on the CPU, the whole batch elsewhere):
-        blur into a zero frame, one resampling for rotation and crop, then
-        ``out = noise * gamma + crop * reddening`` in place in the noise field.
+        On the CPU, the compiled kernel (:func:`_cpu_pass`). Elsewhere, whole-batch kernels:
+        blur (two depthwise convolutions), place in a zero frame, one resampling for rotation
+        and crop (or the integer crop), then ``out = noise * gamma + crop * reddening`` in
+        place in the noise field.
         """
         n1, c, h, w = x.shape
         b, device, s = copies * n1, x.device, self.crop_size
@@ -1688,6 +1379,11 @@ class AugmentationPipeline:
                 torch.randn(out.shape, generator=noise_generator, out=out)
             else:                                         # drawn in float32 in every precision
                 out.copy_(torch.randn(out.shape, generator=noise_generator, device=device, dtype=torch.float32))
+        if device.type == "cpu":
+            job = self._cpu_plan(plan, shifts, n1, copies, (h, w), x.dtype)
+            _cpu_pass(x, [(job.rows(slice(k * n1, (k + 1) * n1)), out[k * n1:(k + 1) * n1],
+                           seeds[k] if seeds else None) for k in range(copies)])
+            return out
         for k, seed in enumerate(seeds):                  # the same field GaussianNoise.apply draws
             _noise_field((n1, c, s, s), seed, device, out=out[k * n1:(k + 1) * n1])
         radius = plan.radius
@@ -1703,49 +1399,19 @@ class AugmentationPipeline:
             _finish(out.view(copies, n1, c, s, s), crop, *(
                 None if t is None else t.view(copies, n1, c, 1, 1) for t in (plan.factor, plan.gamma)))
             return out
-        if work is None:
-            work = self._prepare(plan, psf, shifts, b, (h, w), device, x.dtype, copies)
-        blocks, tables = work.blocks, work.tables
-        if copies > 1 and (radius > 0 or plan.affine is None):
+        if copies > 1:
             x = x.repeat(copies, 1, 1, 1)                                          # (B, 5, H, W)
-        frame, grid, crops = None, None, None
-        if work.aligned is not None:                      # a frame for images aligned on windows
-            side = work.aligned[0].side
-            frame = _scratch("aligned", (max(work.sizes), c, side, side), x)
-            grid = _sampling_grid(tables[1], out_h, out_w, x.dtype)                # (B, S, S, 2)
-            x = x.contiguous()
-        elif plan.affine is not None:
-            frame = _Frame(min(b, max(work.sizes)), h, w, device, x.dtype, buffer=frame_buffer)
-            grid = _sampling_grid(tables[1], out_h, out_w, x.dtype)                # (B, S, S, 2)
-        start = 0
-        for k, ((blk, r), n, window, block_taps) in enumerate(zip(blocks, work.sizes, work.windows, work.taps)):
-            rows = blk if isinstance(blk, slice) else slice(start, start + n)
-            start += n
-            kernels, _, scale, dy_rows, dx_rows = (None if t is None else t[rows] for t in tables)
-            if work.aligned is not None:
-                crop = _blur_aligned(x, work.aligned[k], frame, n, kernels, radius, r, scale, block_taps,
-                                     grid[rows])
-            elif frame is not None:                       # sky image into the frame, blurred or not
-                if radius > 0:
-                    self.psf._blur_block(_take(x, blk, "block"), kernels, radius, r, out=frame.inside(n),
-                                         scale=scale, window=window, taps=block_taps)
-                else:
-                    frame.inside(n).copy_(_take(x, blk))
-                crop = frame.resample(grid[rows])                                          # (n, 5, S, S)
-            else:
-                src = _take(x, blk, "block")
-                if radius > 0:
-                    src = self.psf._blur_block(src, kernels, radius, r, scale=scale, window=window,
-                                               taps=block_taps)
-                crop = _integer_crop(src, top0 + dy_rows, left0 + dx_rows, s)                # (n, 5, S, S)
-            if isinstance(blk, slice):
-                _finish(out[blk], crop, *(None if t is None else t[blk] for t in (work.factor, plan.gamma)))
-            else:                                         # a sorted block: its crops back in place
-                if crops is None:
-                    crops = _scratch("crops", tuple(out.shape), out) if plan.gamma is not None else out
-                crops.index_copy_(0, blk, crop)
-        if crops is not None:                             # then finished in one pass
-            _finish(out, crops, work.factor, plan.gamma)
+        if radius > 0:
+            k = plan.kernels.to(x.dtype).reshape(b * c, -1)
+            x = _blur_conv(x.reshape(b * c, h, w), k).view(b, c, h, w)
+        if plan.affine is not None:
+            frame = _Frame(b, h, w, device, x.dtype, buffer=frame_buffer)
+            frame.inside(b).copy_(x)
+            crop = frame.resample(_sampling_grid(plan.affine, out_h, out_w, x.dtype))   # (B, 5, S, S)
+        else:
+            dy, dx = _split_shifts(shifts, b, device)
+            crop = _integer_crop(x, top0 + dy, left0 + dx, s)                            # (B, 5, S, S)
+        _finish(out, crop, plan.factor, plan.gamma)
         return out
 
     def __call__(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -1755,22 +1421,6 @@ class AugmentationPipeline:
 
     def __repr__(self) -> str:
         return f"AugmentationPipeline(names={list(self.names)}, crop_size={self.crop_size})"
-
-
-class _Work(NamedTuple):
-    """What ``AugmentationPipeline._prepare`` makes for ``_run``: the blocks ``[(rows, r)]`` and
-    their sizes; the plan's tables (kernels, affine, folded factor, dy, dx) in block order;
-    per block the read window and the cut taps (CPU with the PSF; else None); the reddening
-    factor left for the finish (None where the blur took it); with rotation on the CPU, per
-    block an :class:`_Aligned` instead of the window (and the affine table is for its frame)."""
-
-    blocks: list
-    sizes: list[int]
-    tables: tuple
-    windows: list
-    taps: list
-    factor: Tensor | None
-    aligned: list | None = None
 
 
 def _finish(out: Tensor, crop: Tensor, factor: Tensor | None, gamma: Tensor | None) -> None:
@@ -1838,7 +1488,8 @@ class TwoViews:
     def apply(self, batch: Tensor, params: tuple[AugmentationParams, AugmentationParams]
               ) -> tuple[Tensor, Tensor]:
         """``(pipeline.apply(batch, query), pipeline.apply(batch, key))``: the same views, made
-        as one pass over both on a GPU and, on the CPU, with both noise fields drawn first."""
+        as one pass over both (on a GPU, one batch of both; on the CPU, one pass of the compiled
+        kernel over the threads)."""
         query, key = params
         joint, pipe = query.joint, self.pipeline
         if (joint is not None and joint is key.joint and batch.device.type != "cpu"
@@ -1851,33 +1502,28 @@ class TwoViews:
             self._check_fits(batch)
             seeds = [query.noise.seed, key.noise.seed] if pipe.noise is not None else []
             return self._both(batch, self._job(batch, joint, joint.plan, seeds))
-        if (batch.device.type == "cpu" and pipe.noise is not None and batch.shape[0] > 0
-                and _compute_dtype(batch.dtype) == torch.float32):
+        if batch.device.type == "cpu" and batch.shape[0] > 0:
             return self._cpu_views(batch, params)
         return pipe.apply(batch, query), pipe.apply(batch, key)
 
     def _cpu_views(self, batch: Tensor, params: tuple[AugmentationParams, AugmentationParams]
                    ) -> tuple[Tensor, Tensor]:
-        """``pipeline.apply`` of each view on the CPU (the same views), with both noise fields
-        drawn first in one parallel pass (see ``_cpu_noise_fields``)."""
+        """``pipeline.apply`` of each view on the CPU (the same views), both views' noise groups
+        and views in one pass over the threads (see :func:`_cpu_pass`)."""
         pipe, n = self.pipeline, batch.shape[0]
         for p in params:
             pipe._check_apply(batch, p)
-        x = batch.to(_compute_dtype(batch.dtype))                 # converted once for both views
-        jobs = [pipe._job_for(x, p) for p in params]
+        x = batch.to(_compute_dtype(batch.dtype)).contiguous()   # converted once for both views
         # Two tensors rather than halves of one: at 256 images each (21 MB) stays under glibc's
         # largest mmap threshold (32 MB), so its memory is reused from call to call instead of
         # being mapped and page-faulted afresh (about 10 ms a call here).
-        views = tuple(x.new_empty(n, x.shape[1], pipe.crop_size, pipe.crop_size) for _ in jobs)
-        # Both views' host work (small, single-threaded operations) before the noise: the noise
-        # threads run slower right after parallel torch operations, while torch's OpenMP worker
-        # still spins (measured here: 23.6 ms for both fields right after one, 21.8 ms after 2 ms
-        # of single-threaded work, 19.1 ms after 8 ms), so that work is best placed before them.
-        works = [pipe._prepare(plan, psf, shifts, n, tuple(x.shape[-2:]), x.device, x.dtype)
-                 for _, plan, _, psf, shifts in jobs]
-        _cpu_noise_fields([(seeds[0], view) for (_, _, seeds, _, _), view in zip(jobs, views)])
-        for (_, plan, _, psf, shifts), view, work in zip(jobs, views, works):
-            pipe._run(x, plan, [], psf, shifts, out=view, work=work)               # (B, 5, S, S)
+        views = tuple(x.new_empty(n, x.shape[1], pipe.crop_size, pipe.crop_size) for _ in params)
+        jobs = []
+        for p, view in zip(params, views):
+            _, plan, seeds, _, shifts = pipe._job_for(x, p)
+            jobs.append((pipe._cpu_plan(plan, shifts, n, 1, tuple(x.shape[-2:]), x.dtype), view,
+                         seeds[0] if seeds else None))
+        _cpu_pass(x, jobs)
         return tuple(view.to(batch.dtype) for view in views)
 
     def __call__(self, batch: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

@@ -33,7 +33,7 @@ from sdsscl.augment import (
     rotate_crop,
 )
 import sdsscl.augment as augment_module
-from sdsscl.augment import _blur_conv, _blur_taps, _by_size, _image_windows, _read_windows, _take
+from sdsscl.augment import _blur_conv, _cut_kernels
 from sdsscl.constants import (
     CROP_SIZE,
     CUTOUT_SIZE,
@@ -260,30 +260,30 @@ def test_psf_sigma_is_half_normal_0_13_arcsec():
     assert stats.kstest(sigma, stats.halfnorm(scale=0.13).cdf).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("shape", [(CUTOUT_SIZE, CUTOUT_SIZE), (1, 9), (2, 9), (9, 1), (5, 3)])
+def blur_reference(x: torch.Tensor, psf: PSFBlur, params: PSFParams, cut: bool = False) -> torch.Tensor:
+    """The PSF blur as the GPU computes it (two depthwise convolutions, each image with the batch's
+    half-width, or with ``cut`` the CPU's per-image taps), run on the CPU: independent of the
+    compiled CPU kernel."""
+    b, c, h, w = x.shape
+    kernels, _ = psf.kernels(params)
+    if cut:
+        kernels = torch.from_numpy(_cut_kernels(kernels, psf.tail, torch.float64)[0])
+    return _blur_conv(x.reshape(b * c, h, w), kernels.to(x.dtype).reshape(b * c, -1)).view(b, c, h, w)
+
+
+@pytest.mark.parametrize("shape", [(CUTOUT_SIZE, CUTOUT_SIZE), (1, 9), (2, 9), (9, 1), (5, 3), (40, 70)])
 def test_gpu_blur_path_equals_cpu_blur_path(shape):
-    # Off the CPU the blur is two depthwise convolutions; on the CPU, shifted multiply-adds (the
-    # first axis divided by its centre tap). Both are run here on the CPU so that the GPU's
-    # formula is checked without a GPU; images narrower than the kernel too.
-    x = random_batch(3)[..., :shape[0], :shape[1]].reshape(15, *shape)
-    k = discrete_gaussian_kernels(torch.rand(15, generator=gen(30), dtype=torch.float64) * 2, 6).float()
-    torch.testing.assert_close(_blur_conv(x, k), _blur_taps(x, k), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("window", [(0, CUTOUT_SIZE, 0, CUTOUT_SIZE), (5, 98, 0, 101), (0, 40, 17, CUTOUT_SIZE),
-                                    (30, 31, 50, 52)])
-def test_blur_window_gives_the_whole_blur_there_and_leaves_the_rest(window):
-    # A window computes its pixels with the same operations as the whole blur (bit for bit) and
-    # writes nothing else, so a frame's stale pixels outside it stay as they were.
-    x = random_batch(3).reshape(15, CUTOUT_SIZE, CUTOUT_SIZE)
-    k = discrete_gaussian_kernels(torch.rand(15, generator=gen(31), dtype=torch.float64) * 2, 6).float()
-    whole = _blur_taps(x, k)
-    out = torch.full_like(x, float("nan"))
-    _blur_taps(x, k, out=out, window=window)
-    y0, y1, x0, x1 = window
-    assert torch.equal(out[:, y0:y1, x0:x1], whole[:, y0:y1, x0:x1])
-    out[:, y0:y1, x0:x1] = float("nan")
-    assert out.isnan().all()
+    # Off the CPU the blur is two depthwise convolutions; on the CPU, the compiled kernel (each
+    # image with its own half-width, see the next test). Both run here on the CPU with the same
+    # taps, so the GPU's formula is checked without a GPU (to float rounding: the sums run in
+    # another order); images narrower than the kernel and rectangular ones too.
+    psf = PSFBlur(sigma_r_arcsec=1.0)
+    p = psf.sample(6, gen(30))
+    assert psf.kernels(p)[1] >= 6
+    x = random_batch(6)[..., :shape[0], :shape[1]].contiguous()
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-13)):
+        xd = x.to(dtype)
+        torch.testing.assert_close(psf.apply(xd, p), blur_reference(xd, psf, p, cut=True), rtol=tol, atol=tol)
 
 
 def test_discrete_gaussian_kernels_are_normalised_bessel_kernels():
@@ -354,20 +354,6 @@ def test_pipeline_equals_the_steps_applied_one_by_one(names, b):
     steps = GaussianNoise(MAD).apply(steps, p.noise)
     assert out.shape == (b, 5, CROP_SIZE, CROP_SIZE)
     torch.testing.assert_close(out, steps, rtol=1e-5, atol=1e-5)
-
-
-def test_take_gathers_the_rows_index_select_gives():
-    # Images are gathered as planes (one parallel loop); the rows must be index_select's, into a
-    # fresh tensor or the named scratch, for images, small tables and non-contiguous tensors.
-    x = random_batch(12)
-    blk = torch.tensor([7, 0, 11, 3, 3])
-    for t in (x, x[:, :, ::2], torch.randn(12, 5, 9, dtype=torch.float64), torch.randn(12, 2, 3),
-              torch.randn(12)):
-        expected = t.index_select(0, blk)
-        for scratch in (None, "test"):
-            got = _take(t, blk, scratch)
-            assert got.shape == expected.shape and torch.equal(got, expected)
-    assert torch.equal(_take(x, slice(2, 5)), x[2:5])
 
 
 def test_pipeline_applies_only_the_named_augmentations():
@@ -603,78 +589,64 @@ def test_draws_on_the_device_map_the_same_uniforms_to_the_same_views(names, dtyp
     assert [t.shape for t in views._device_views(x[:0], gen(1))] == [(0, 5, CROP_SIZE, CROP_SIZE)] * 2
 
 
-def test_psf_blocks_are_sorted_by_width_and_cover_every_image_once():
+def test_psf_kernels_are_cut_per_image_to_the_tail():
+    # On the CPU each image is blurred with its kernels cut to the half-width its widest band
+    # needs: what is cut is at most `tail` of the mass, the rest renormalised to 1, and the
+    # narrow draws (most of them) get fewer taps than the batch's widest.
     psf = PSFBlur()
-    p = psf.sample(100, gen(42))
+    p = psf.sample(200, gen(42))
     kernels, radius = psf.kernels(p)
-    blocks = psf.blocks(p, torch.device("cpu"), radius)
-    seen = torch.cat([blk for blk, _ in blocks])
-    assert sorted(seen.tolist()) == list(range(100))
-    widths = [float(p.sigma_r[blk].max()) for blk, _ in blocks]
-    assert widths == sorted(widths) and [r for _, r in blocks] == sorted(r for _, r in blocks)
-    assert blocks[0][1] < radius == blocks[-1][1]          # narrow blocks get shorter kernels
-    # The per-block truncation changes nothing beyond float32 resolution.
-    x = random_batch(100)
-    whole = torch.stack([psf._blur_block(x[i:i + 1], kernels[i:i + 1], radius, radius)[0] for i in range(100)])
-    torch.testing.assert_close(psf.apply(x, p), whole, rtol=1e-6, atol=1e-6)
+    taps, radii = _cut_kernels(kernels, psf.tail, torch.float64)
+    assert taps.shape == tuple(kernels.shape)
+    # (the batch's half-width counts the mass beyond it, which its kernels no longer hold)
+    assert radius - 1 <= radii.max() <= radius and np.median(radii) <= radius / 2
+    n = np.abs(np.arange(-radius, radius + 1))
+    outside = np.broadcast_to(n[None, None, :] > radii[:, None, None], taps.shape)
+    assert (taps[outside] == 0).all()
+    np.testing.assert_allclose(taps.sum(-1), 1.0, rtol=0, atol=1e-12)
+    k = kernels.numpy()
+    assert (np.where(n[None, None, :] > radii[:, None, None], k, 0.0).sum(-1).max(-1) <= psf.tail).all()
+    narrower = np.maximum(radii - 1, 0)
+    left = np.where(n[None, None, :] > narrower[:, None, None], k, 0.0).sum(-1).max(-1)
+    assert (left[radii > 0] > psf.tail).all()                     # each half-width is the smallest
+    # So the blur differs from the uncut one by about `tail` of the values (up to 10 here), in
+    # float64 (where float32 rounding does not hide it).
+    x = random_batch(200, dtype=torch.float64)
+    torch.testing.assert_close(psf.apply(x, p), blur_reference(x, psf, p), rtol=0, atol=1e-5)
 
 
-def test_size_regrouping_keeps_each_psf_block_size_and_half_width():
-    # Blocks of the same half-width hold interchangeable images: regrouped by the size of the
-    # window their resampling reads, every image stays in a block of its half-width, blocks keep
-    # their sizes, and within each run of equal half-widths the sizes grow block by block.
-    pipe = AugmentationPipeline(AUGMENTATIONS, mad=MAD)
-    p = pipe.sample(100, gen(45))
-    blocks = pipe.psf.blocks(p.psf, torch.device("cpu"), p.plan.radius)
-    windows = _image_windows(p.plan.affine, CUTOUT_SIZE, CUTOUT_SIZE, CROP_SIZE, CROP_SIZE)
-    regrouped = _by_size(blocks, windows)
-    assert [(blk.numel(), r) for blk, r in regrouped] == [(blk.numel(), r) for blk, r in blocks]
-    half_width = {int(i): r for blk, r in blocks for i in blk}
-    assert all(half_width[int(i)] == r for blk, r in regrouped for i in blk)
-    extent = torch.from_numpy(windows[:, 1] - windows[:, 0] + windows[:, 3] - windows[:, 2])
-    for (a, ra), (b, rb) in zip(regrouped, regrouped[1:]):
-        if ra == rb:
-            assert extent[a].max() <= extent[b].min()
-    assert len({r for _, r in blocks}) < len(blocks)          # some runs to regroup
-    # The windows hold every pixel the resampling reads (its corners' bilinear neighbours).
-    a = p.plan.affine.numpy()
-    _, half, pad, _ = augment_module._frame_geometry(CUTOUT_SIZE, CUTOUT_SIZE)   # the maps' frame
-    for axis, lo, hi in ((1, 0, 1), (0, 2, 3)):
-        for j, i in ((0, 0), (0, CROP_SIZE - 1), (CROP_SIZE - 1, 0), (CROP_SIZE - 1, CROP_SIZE - 1)):
-            pos = (a[:, axis, 0] * j + a[:, axis, 1] * i + a[:, axis, 2] + 1) * half - pad   # image pixels
-            assert (windows[:, lo] <= np.floor(pos)).all() and (np.floor(pos) + 1 < windows[:, hi]).all()
-
-
-def test_psf_blocks_without_rotation_blur_only_what_their_crop_reads(monkeypatch):
-    # On the CPU each PSF block blurs only the window its crop reads. That may not change a value:
-    # the views equal those of whole-image blurs, bit for bit, even with an unblurred source's
-    # unwritten pixels poisoned with NaN, which any read would spread.
-    x = random_batch(40)
-    pipe = AugmentationPipeline(("reddening", "psf", "jitter_crop", "noise"), mad=MAD)
-    p = pipe.sample(40, gen(46))
-    calls = []
-    real = augment_module._read_windows
-    monkeypatch.setattr(augment_module, "_read_windows", lambda *a: calls.append(real(*a)) or calls[-1])
-    pipe.apply(x, p)
-    windows = calls[-1]
-    assert len(windows) == 3 and min((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in windows) < CUTOUT_SIZE**2
-    new_empty = torch.Tensor.new_empty
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: new_empty(t, *a, **k).fill_(float("nan")))
+@pytest.mark.parametrize("names", [("reddening", "psf", "rotate", "jitter_crop"), ("psf", "jitter_crop"),
+                                   BEST_AUGMENTATIONS])
+def test_cpu_views_do_not_depend_on_the_batch_or_the_threads(names):
+    # Each image goes through the compiled CPU kernel on its own: its view is the same, bit for
+    # bit, alone or in a batch, with one thread or two (noise aside: its field is drawn per
+    # group of 32 images, the same with any number of threads).
+    x = random_batch(70)
+    pipe = AugmentationPipeline(names, mad=MAD)
+    p = pipe.sample(70, gen(46))
     out = pipe.apply(x, p)
-    monkeypatch.undo()
-    monkeypatch.setattr(augment_module, "_read_windows", lambda *a: [(0, CUTOUT_SIZE, 0, CUTOUT_SIZE)] * len(a[3]))
-    assert not out.isnan().any() and torch.equal(out, pipe.apply(x, p))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        assert torch.equal(pipe.apply(x, p), out)
+    finally:
+        torch.set_num_threads(threads)
+    if "noise" in names:
+        return
+    for rows in (slice(5, 6), slice(33, 70), slice(0, 3)):
+        part = AugmentationParams(**{name: type(getattr(p, name))(*(t[rows] if isinstance(t, torch.Tensor) else t
+                                                               for t in vars(getattr(p, name)).values()))
+                                     for name in pipe.names})
+        assert torch.equal(pipe.apply(x[rows], part), out[rows])
 
 
 @pytest.mark.parametrize("sigma_r_arcsec", [0.13, 1.0])
-def test_psf_blocks_aligned_on_their_windows_equal_the_steps_at_the_image_edges(sigma_r_arcsec, monkeypatch):
-    # With rotation, each CPU block blurs its images aligned on the windows their resampling
-    # reads, gathered as runs of pixels from the flat batch: pixels of the next row or plane,
-    # and blurred light, that lie outside an image must be zeroed (the blur's zero padding and the
-    # zero frame of the steps). A jitter of 21 pixels at 45 degrees sends windows past every edge,
-    # the first and last images' past the batch's ends; a 1" PSF makes the border pixels count
-    # (and needs a larger frame). The views equal the steps applied one by one in float64, with
-    # the scratch memory poisoned with NaN, which any read of an unwritten pixel would spread.
+def test_views_at_the_image_edges_equal_the_steps(sigma_r_arcsec, monkeypatch):
+    # The compiled CPU kernel blurs and resamples only the window of each image that its view
+    # reads, zero outside the image. A jitter of 21 pixels at 45 degrees sends windows past every
+    # edge; a 1" PSF makes the border pixels count. The views equal the steps applied one by one
+    # in float64 with torch (blur as two convolutions, rotate_crop's grid_sample), with the
+    # output memory poisoned with NaN, which any unwritten pixel would keep.
     b, jitter = 40, 21
     x = torch.rand(b, 5, CUTOUT_SIZE, CUTOUT_SIZE, generator=gen(47)) + 0.5
     pipe = AugmentationPipeline(("reddening", "psf", "rotate", "jitter_crop"), max_jitter=jitter,
@@ -685,22 +657,12 @@ def test_psf_blocks_aligned_on_their_windows_equal_the_steps_at_the_image_edges(
     angle[0], angle[-1] = math.pi / 4, 5 * math.pi / 4
     shifts[0], shifts[-1] = torch.tensor([-jitter, -jitter]), torch.tensor([jitter, jitter])
     p.rotate, p.jitter_crop = RotationParams(angle), JitterParams(shifts)
-    xx, plan, _, psf, sh = pipe._job_for(x, p)
-    work = pipe._prepare(plan, psf, sh, b, (CUTOUT_SIZE, CUTOUT_SIZE), x.device, x.dtype)
-    assert work.aligned is not None and len(work.aligned) == 3
-    for part in ("fix", "zero_cols", "clear"):
-        assert any(getattr(blk, part) for blk in work.aligned), part
-    assert any(blk.zero_rows is not None for blk in work.aligned)
-    assert (work.aligned[0].side > augment_module._dyadic_frame(CUTOUT_SIZE)) == (sigma_r_arcsec > 0.5)
-    pipe.apply(x, p)                                  # makes the scratch tensors, then poisoned
-    for name in ("aligned", "block", "blur"):
-        augment_module._SCRATCH.tensors[name].fill_(float("nan"))
     new_empty = torch.Tensor.new_empty
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: new_empty(t, *a, **k).fill_(float("nan")))
     out = pipe.apply(x, p)
     monkeypatch.undo()
     steps = GalacticReddening().apply(x.double(), p.reddening)
-    steps = PSFBlur(sigma_r_arcsec=sigma_r_arcsec).apply(steps, p.psf)
+    steps = blur_reference(steps, pipe.psf, p.psf)
     steps = rotate_crop(steps, p.rotate.angle, p.jitter_crop.shifts)
     assert not out.isnan().any()
     torch.testing.assert_close(out.double(), steps, rtol=1e-5, atol=1e-5)
