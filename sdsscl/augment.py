@@ -462,12 +462,8 @@ class PSFBlur(Augmentation):
         if radius == 0:                                       # no kernel moves `tail` of the flux
             return batch.clone()
         b, c, h, w = x.shape
-        if x.device.type == "cpu":                            # the compiled kernel, uncropped
-            taps, radii = _cut_kernels(kernels, self.tail, x.dtype)
-            pos = np.zeros((b, 2, 3))
-            pos[:, 0, 0] = pos[:, 1, 1] = 1.0
-            ones = np.ones((b, c), dtype=taps.dtype)
-            job = _CpuPlan(np.arange(b), pos, False, taps, radii, ones, np.zeros_like(ones), False)
+        if x.device.type == "cpu":              # the compiled kernel: an uncropped crop at (0, 0)
+            job = _cpu_tables(b, 1, np.zeros((b, 2, 3)), False, kernels, self.tail, None, None, x.dtype)
             out = torch.empty_like(x)
             _cpu_pass(x, [(job, out, None)])
         else:
@@ -1113,7 +1109,26 @@ def _cut_kernels(kernels: Tensor, tail: float, dtype: torch.dtype) -> tuple[np.n
     radii = ((1.0 - inside) > tail).sum(axis=-1).max(axis=-1)                # (B,)
     k = np.where(np.abs(np.arange(-r, r + 1)) <= radii[:, None, None], k, 0.0)
     k /= k.sum(axis=-1, keepdims=True)
-    return k.astype(torch.empty(0, dtype=dtype).numpy().dtype), radii.astype(np.int64)
+    return k.astype(_numpy_dtype(dtype)), radii.astype(np.int64)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def _cpu_tables(n: int, copies: int, pos: np.ndarray, rotated: bool, kernels: Tensor | None, tail: float,
+                factor: Tensor | None, gamma: Tensor | None, dtype: torch.dtype) -> _CpuPlan:
+    """A :class:`_CpuPlan` for ``copies`` stacked copies of n images, from the sampling maps or
+    crop corners ``pos`` and the plan's PSF kernels (None: no blur), reddening factors and noise
+    levels (None: without), for a kernel computing in ``dtype``."""
+    b, np_dtype = copies * n, _numpy_dtype(dtype)
+    if kernels is not None:
+        taps, radii = _cut_kernels(kernels, tail, dtype)
+    else:
+        taps, radii = np.ones((b, N_BANDS, 1), dtype=np_dtype), np.zeros(b, dtype=np.int64)
+    factor = np.ones((b, N_BANDS), np_dtype) if factor is None else _numpy(factor).reshape(b, N_BANDS).astype(np_dtype)
+    scale = np.zeros((b, N_BANDS), np_dtype) if gamma is None else _numpy(gamma).reshape(b, N_BANDS).astype(np_dtype)
+    return _CpuPlan(np.arange(b) % n, pos, rotated, taps, radii, factor, scale, gamma is not None)
 
 
 def _cpu_pass(x: Tensor, jobs: Sequence[tuple[_CpuPlan, Tensor, int | None]]) -> None:
@@ -1342,17 +1357,8 @@ class AugmentationPipeline:
         else:
             dy, dx = (_numpy(t).astype(np.int64) for t in _split_shifts(shifts, b, torch.device("cpu")))
             pos[:, 0, 2], pos[:, 1, 2] = left0 + dx, top0 + dy
-        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-        if plan.radius > 0:
-            taps, radii = _cut_kernels(plan.kernels, self.psf.tail, dtype)
-        else:
-            taps, radii = np.ones((b, N_BANDS, 1), dtype=np_dtype), np.zeros(b, dtype=np.int64)
-        factor = (np.ones((b, N_BANDS), dtype=np_dtype) if plan.factor is None
-                  else _numpy(plan.factor).reshape(b, N_BANDS).astype(np_dtype))
-        gamma = (np.zeros((b, N_BANDS), dtype=np_dtype) if plan.gamma is None
-                 else _numpy(plan.gamma).reshape(b, N_BANDS).astype(np_dtype))
-        return _CpuPlan(np.arange(b) % n, pos, plan.affine is not None, taps, radii, factor, gamma,
-                        plan.gamma is not None)
+        return _cpu_tables(n, copies, pos, plan.affine is not None, plan.kernels if plan.radius > 0 else None,
+                           self.psf.tail if self.psf else 0.0, plan.factor, plan.gamma, dtype)
 
     def _run(self, x: Tensor, plan: _ViewPlan, seeds: Sequence[int], psf: PSFParams | None,
              shifts: Tensor | None, copies: int = 1, noise_generator: torch.Generator | None = None,
