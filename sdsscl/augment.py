@@ -520,22 +520,6 @@ def _resample(frames: Tensor, grid: Tensor) -> Tensor:
                          align_corners=True)
 
 
-def _scratch(name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """A scratch tensor of ``shape`` (the device of ``like``, its dtype unless ``dtype`` is
-    given), kept per thread and reused by the next call that asks for ``name``: on the CPU, a
-    fresh multi-megabyte tensor per block costs more in page faults than the arithmetic done in
-    it."""
-    store = getattr(_SCRATCH, "tensors", None)
-    if store is None:
-        store = _SCRATCH.tensors = {}
-    n = math.prod(shape)
-    dtype = like.dtype if dtype is None else dtype
-    buf = store.get(name)
-    if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != like.device:
-        buf = store[name] = torch.empty(n, dtype=dtype, device=like.device)
-    return buf[:n].view(shape)
-
-
 def _blocks(n: int, device: torch.device, size: int) -> list[slice]:
     """Image blocks: cache-sized on the CPU, the whole batch on other devices."""
     if device.type != "cpu":
@@ -578,23 +562,13 @@ def _sampling_grid(affine: Tensor, out_h: int, out_w: int, dtype: torch.dtype, c
     """The ``grid_sample`` grid of the sampling maps ``affine`` (copies * n, 2, 3) (see
     :func:`_affine`; copy k of image i in row k * n + i) in ``dtype``: computed in float64 (two
     broadcast multiply-adds, exact for whole-pixel positions) and rounded once, (n, copies * Ho,
-    Wo, 2) with image i's copies stacked along the rows. On the CPU it is made for all the images
-    at once and taken block by block, which costs less than a grid per block, in a per-thread
-    scratch tensor (valid until the next grid is made)."""
+    Wo, 2) with image i's copies stacked along the rows."""
     n = affine.shape[0] // copies
     j, i = _pixel_axes(out_h, out_w, affine.device, affine.dtype)          # (1, 1, 1, Wo), (1, 1, Ho, 1)
     a = affine[:, :, :, None, None]                                                 # (n, 2, 3, 1, 1)
-    shape = (n, copies, out_h, out_w, 2)
-    if affine.device.type == "cpu":                   # reused: no fresh pages to fault per call
-        grid = _scratch("grid", shape, affine, dtype)
-    else:
-        grid = torch.empty(shape, device=affine.device, dtype=dtype)
-    if affine.device.type == "cpu" and copies == 1:      # per axis, straight into the grid
-        for axis in range(2):
-            torch.add(a[:, axis, 0] * j[0], a[:, axis, 1] * i[0] + a[:, axis, 2], out=grid[:, 0, ..., axis])
-    else:                                             # three kernels for both axes
-        coords = torch.addcmul(torch.addcmul(a[:, :, 2], a[:, :, 0], j), a[:, :, 1], i)  # (cn, 2, Ho, Wo)
-        grid.permute(1, 0, 4, 2, 3).copy_(coords.view(copies, n, 2, out_h, out_w))      # rounded once
+    grid = torch.empty((n, copies, out_h, out_w, 2), device=affine.device, dtype=dtype)
+    coords = torch.addcmul(torch.addcmul(a[:, :, 2], a[:, :, 0], j), a[:, :, 1], i)      # (cn, 2, Ho, Wo)
+    grid.permute(1, 0, 4, 2, 3).copy_(coords.view(copies, n, 2, out_h, out_w))          # rounded once
     return grid.view(n, copies * out_h, out_w, 2)
 
 
@@ -795,6 +769,17 @@ class NoiseParams:
     seed: int
 
 
+def _cpu_map(fn, tasks: Sequence) -> None:
+    """``fn`` on each task, in the threads of :func:`_cpu_pool` (in turn with one torch thread
+    or one task)."""
+    pool = _cpu_pool() if len(tasks) > 1 else None
+    if pool is None:
+        for task in tasks:
+            fn(task)
+    else:
+        list(pool.map(fn, tasks))
+
+
 def _cpu_pool() -> ThreadPoolExecutor | None:
     """Threads for the CPU's noise and compiled kernel (one per torch thread), made per process
     (a pool does not survive a fork into DataLoader workers); None with a single torch thread."""
@@ -803,7 +788,7 @@ def _cpu_pool() -> ThreadPoolExecutor | None:
     if n < 2:
         return None
     if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] != n:
-        _POOL = (os.getpid(), n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="sdsscl-noise"))
+        _POOL = (os.getpid(), n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="sdsscl-cpu"))
     return _POOL[2]
 
 
@@ -831,20 +816,8 @@ def _noise_field(shape: tuple[int, ...], seed: int, device: torch.device, out: T
         return torch.randn(shape, generator=gen, out=out)
     if out is None:
         out = torch.empty(shape, dtype=torch.float32)
-    _cpu_noise_fields([(seed, out)])
+    _cpu_map(lambda start: _noise_group(seed, out, start), range(0, shape[0], _NOISE_GROUP))
     return out
-
-
-def _cpu_noise_fields(fields: Sequence[tuple[int, Tensor]]) -> None:
-    """Draw each CPU field ``(seed, out)`` (``out`` contiguous) as :func:`_noise_field` does, the
-    groups of all the fields in one parallel pass."""
-    tasks = [(seed, out, start) for seed, out in fields for start in range(0, out.shape[0], _NOISE_GROUP)]
-    pool = _cpu_pool() if len(tasks) > 1 else None
-    if pool is None:
-        for task in tasks:
-            _noise_group(*task)
-    else:
-        list(pool.map(lambda task: _noise_group(*task), tasks))
 
 
 def _noise_group(seed: int, out: Tensor, start: int) -> None:
@@ -1150,13 +1123,8 @@ def _cpu_pass(x: Tensor, jobs: Sequence[tuple[_CpuPlan, Tensor, int | None]]) ->
         _cpu_views.views(xn, plan.src, plan.pos, plan.rotated, plan.taps, plan.radii, plan.factor,
                          plan.gamma, plan.noise, out.numpy(), start, min(start + _NOISE_GROUP, out.shape[0]))
 
-    tasks = [(plan, out, seed, start) for plan, out, seed in jobs for start in range(0, out.shape[0], _NOISE_GROUP)]
-    pool = _cpu_pool() if len(tasks) > 1 else None
-    if pool is None:
-        for task in tasks:
-            run(task)
-    else:
-        list(pool.map(run, tasks))
+    _cpu_map(run, [(plan, out, seed, start) for plan, out, seed in jobs
+                   for start in range(0, out.shape[0], _NOISE_GROUP)])
 
 
 class AugmentationPipeline:
@@ -1332,14 +1300,14 @@ class AugmentationPipeline:
 
     def _job_for(self, batch: Tensor, params: AugmentationParams) -> tuple:
         """The arguments of ``_run`` for a checked batch and its parameters: the batch in its
-        compute precision, the plan on its device, the noise seeds, PSF parameters and shifts."""
+        compute precision, the plan on its device, the noise seeds and the shifts."""
         x = batch.to(_compute_dtype(batch.dtype))
         if self.jitter_crop is not None:
             _check_shifts("AugmentationPipeline", params.jitter_crop.shifts, self.jitter_crop.max_jitter)
         plan = self._plan_for(params, x).on(x.device)
         seeds = [params.noise.seed] if self.noise is not None else []
         shifts = params.jitter_crop.shifts if self.jitter_crop is not None else None
-        return x, plan, seeds, params.psf, shifts
+        return x, plan, seeds, shifts
 
     def _cpu_plan(self, plan: _ViewPlan, shifts: Tensor | None, n: int, copies: int,
                   size: tuple[int, int], dtype: torch.dtype) -> _CpuPlan:
@@ -1360,8 +1328,8 @@ class AugmentationPipeline:
         return _cpu_tables(n, copies, pos, plan.affine is not None, plan.kernels if plan.radius > 0 else None,
                            self.psf.tail if self.psf else 0.0, plan.factor, plan.gamma, dtype)
 
-    def _run(self, x: Tensor, plan: _ViewPlan, seeds: Sequence[int], psf: PSFParams | None,
-             shifts: Tensor | None, copies: int = 1, noise_generator: torch.Generator | None = None,
+    def _run(self, x: Tensor, plan: _ViewPlan, seeds: Sequence[int], shifts: Tensor | None,
+             copies: int = 1, noise_generator: torch.Generator | None = None,
              frame_buffer: Tensor | None = None, out: Tensor | None = None) -> Tensor:
         """The views of ``copies`` stacked copies of ``x`` (n, 5, H, W) with a plan (and shifts)
         for ``copies * n`` images and one noise seed per copy: (copies * n, 5, S, S) in x's
@@ -1526,7 +1494,7 @@ class TwoViews:
         views = tuple(x.new_empty(n, x.shape[1], pipe.crop_size, pipe.crop_size) for _ in params)
         jobs = []
         for p, view in zip(params, views):
-            _, plan, seeds, _, shifts = pipe._job_for(x, p)
+            _, plan, seeds, shifts = pipe._job_for(x, p)
             jobs.append((pipe._cpu_plan(plan, shifts, n, 1, tuple(x.shape[-2:]), x.dtype), view,
                          seeds[0] if seeds else None))
         _cpu_pass(x, jobs)
@@ -1587,7 +1555,7 @@ class TwoViews:
         ``joint``, with ``plan`` (for the batch's size and precision) moved to its device."""
         x = batch.to(_compute_dtype(batch.dtype))
         shifts = joint.jitter_crop.shifts if self.pipeline.jitter_crop is not None else None
-        return x, plan.on(x.device), seeds, joint.psf, shifts
+        return x, plan.on(x.device), seeds, shifts
 
     def _both(self, batch: Tensor, job: tuple | None) -> tuple[Tensor, Tensor]:
         """Run ``job`` (see ``_job``) as one batch of both views and split it: (query, key)."""
@@ -1619,7 +1587,7 @@ class TwoViews:
         """Both views of ``x`` (n, 5, H, W), computation dtype, drawn on the device: (2n, 5, S, S)."""
         n, _, h, w = x.shape
         plan, shifts = self.pipeline._device_plan(2 * n, h, w, x.dtype, generator)
-        return self.pipeline._run(x, plan, [], None, shifts, copies=2, noise_generator=generator,
+        return self.pipeline._run(x, plan, [], shifts, copies=2, noise_generator=generator,
                                   frame_buffer=frame_buffer)
 
     def _replay(self, x: Tensor, generator: torch.Generator) -> Tensor:

@@ -525,8 +525,7 @@ def test_both_views_in_one_pass_equal_the_views_one_by_one(names):
     q, k = views.sample(6, gen(43))
     assert q.joint is k.joint is not None and q.noise.seed != k.noise.seed
     pipe = views.pipeline
-    joint = pipe._run(x, q.joint.plan, [q.noise.seed, k.noise.seed], q.joint.psf,
-                      q.joint.jitter_crop.shifts, copies=2)
+    joint = pipe._run(x, q.joint.plan, [q.noise.seed, k.noise.seed], q.joint.jitter_crop.shifts, copies=2)
     torch.testing.assert_close(joint[:6], pipe.apply(x, q), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(joint[6:], pipe.apply(x, k), rtol=1e-6, atol=1e-6)
     # the query's uniforms are those of a lone single-view draw
